@@ -1,0 +1,1 @@
+"""PermuteExpertsUnpermute backends, one per file; the oracle's registry lists them."""

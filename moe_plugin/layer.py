@@ -1,0 +1,267 @@
+"""``FusedMoE``: an MoE layer as an ``nn.Module`` -- routing, shared experts, the oracle's ModularKernel and
+weight loading for the experts this rank owns."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .config import FP8_DTYPE, MoEConfig
+from .distributed import build_expert_map, local_expert_ids
+from .modular import ExpertWeights, ModularKernel
+from .routing import fused_topk, grouped_topk
+from .validation import expected_scale_shape
+
+logger = logging.getLogger(__name__)
+
+# HF per-expert names: Qwen/DeepSeek use gate_proj/up_proj/down_proj, Mixtral w1 (gate), w3 (up), w2 (down).
+_PER_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(weight|weight_scale_inv|weight_scale)$")
+_ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+class FusedMoE(nn.Module):
+    """A Mixture-of-Experts layer.
+
+    ``forward(hidden_states, router_logits=None)``: routes with ``fused_topk`` (or ``grouped_topk``),
+    runs the routed experts through the oracle's ``ModularKernel`` and adds the shared experts' output.
+    Router logits come from the caller, or from the layer's own ``gate`` when ``with_gate=True``.
+
+    Expert weights are created for the local experts only (``config.parallel``): ``w13_weight
+    [E_local, 2N, K]`` (gate rows then up rows), ``w2_weight [E_local, K, N]``, plus ``*_scale`` for FP8.
+    """
+
+    def __init__(
+        self,
+        config: MoEConfig,
+        *,
+        renormalize: bool = True,
+        scoring_func: str = "softmax",
+        use_grouped_topk: bool = False,
+        num_expert_group: int = 0,
+        topk_group: int = 0,
+        routed_scaling_factor: float = 1.0,
+        use_correction_bias: bool = False,
+        with_gate: bool = False,
+        shared_experts: nn.Module | None = None,
+        apply_router_weight_on_input: bool = False,
+        device: torch.device | str | None = None,
+        experts_backend: str | None = None,
+        prepare_finalize_backend: str | None = None,
+        kernel: ModularKernel | None = None,
+        **prepare_finalize_kwargs,
+    ):
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"config must be a MoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.renormalize = renormalize
+        self.scoring_func = scoring_func
+        self.use_grouped_topk = use_grouped_topk
+        self.num_expert_group = num_expert_group
+        self.topk_group = topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        self.apply_router_weight_on_input = apply_router_weight_on_input
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.local_expert_ids = local_expert_ids(config.num_experts, config.parallel)
+        e, k, n = config.num_local_experts, config.hidden_size, config.intermediate_size
+        weight_dtype = FP8_DTYPE if config.quant.is_quantized else config.dtype
+        self.w13_weight = nn.Parameter(torch.empty(e, config.w1_rows, k, dtype=weight_dtype, device=device), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(e, k, n, dtype=weight_dtype, device=device), requires_grad=False)
+        if config.quant.is_quantized:
+            s13 = expected_scale_shape(config.quant, e, config.w1_rows, k)
+            s2 = expected_scale_shape(config.quant, e, k, n)
+            self.w13_weight_scale = nn.Parameter(torch.ones(s13, dtype=torch.float32, device=device), requires_grad=False)
+            self.w2_weight_scale = nn.Parameter(torch.ones(s2, dtype=torch.float32, device=device), requires_grad=False)
+        else:
+            self.w13_weight_scale = None
+            self.w2_weight_scale = None
+        expert_map = build_expert_map(config.num_experts, config.parallel, device)
+        self.register_buffer("expert_map", expert_map, persistent=False)
+        self.gate = nn.Linear(k, config.num_experts, bias=False, dtype=config.dtype, device=device) if with_gate else None
+        if use_correction_bias:
+            self.e_score_correction_bias = nn.Parameter(
+                torch.zeros(config.num_experts, dtype=torch.float32, device=device), requires_grad=False
+            )
+        else:
+            self.e_score_correction_bias = None
+        self.shared_experts = shared_experts
+        if kernel is None:
+            from .oracle import select_kernel
+
+            kernel = select_kernel(
+                config,
+                device,
+                experts=experts_backend,
+                prepare_finalize=prepare_finalize_backend,
+                **prepare_finalize_kwargs,
+            )
+        if shared_experts is not None:
+            kernel.shared_experts = shared_experts
+        self.kernel = kernel
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_grouped_topk:
+            return grouped_topk(
+                hidden_states,
+                router_logits,
+                self.config.top_k,
+                self.renormalize,
+                num_expert_group=self.num_expert_group,
+                topk_group=self.topk_group,
+                scoring_func=self.scoring_func,
+                routed_scaling_factor=self.routed_scaling_factor,
+                e_score_correction_bias=self.e_score_correction_bias,
+            )
+        weights, ids = fused_topk(hidden_states, router_logits, self.config.top_k, self.renormalize, self.scoring_func)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
+        return weights, ids
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w13_weight, self.w2_weight, self.w13_weight_scale, self.w2_weight_scale)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
+        shape = hidden_states.shape
+        hidden_states = hidden_states.reshape(-1, shape[-1])
+        if router_logits is None:
+            if self.gate is None:
+                raise ValueError("router_logits is required when the layer was built without with_gate=True")
+            router_logits = self.gate(hidden_states)
+        topk_weights, topk_ids = self.route(hidden_states, router_logits.reshape(hidden_states.shape[0], -1))
+        out = self.kernel(
+            hidden_states,
+            self.expert_weights(),
+            topk_weights,
+            topk_ids,
+            activation=self.config.activation,
+            global_num_experts=self.config.num_experts,
+            expert_map=self.expert_map,
+            apply_router_weight_on_input=self.apply_router_weight_on_input,
+        )
+        return out.reshape(shape)
+
+    # ---- weight loading --------------------------------------------------------------------------
+    def _local_index(self, global_id: int) -> int | None:
+        if not 0 <= global_id < self.config.num_experts:
+            raise ValueError(f"expert id {global_id} out of range [0, {self.config.num_experts})")
+        if self.expert_map is None:
+            return global_id
+        local = int(self.expert_map[global_id])
+        return local if local >= 0 else None
+
+    def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
+        if tuple(tensor.shape) != tuple(want):
+            raise ValueError(f"{name} must have shape {tuple(want)}, got {tuple(tensor.shape)}")
+
+    @torch.no_grad()
+    def load_expert(
+        self,
+        expert_id: int,
+        *,
+        gate: torch.Tensor | None = None,
+        up: torch.Tensor | None = None,
+        down: torch.Tensor | None = None,
+        gate_scale: torch.Tensor | None = None,
+        up_scale: torch.Tensor | None = None,
+        down_scale: torch.Tensor | None = None,
+    ) -> bool:
+        """Load one expert from HF-style projections (``gate``/``up`` ``[N, K]``, ``down`` ``[K, N]``; for
+        relu2 ``up`` carries the only input projection). Returns False when another rank owns it."""
+        local = self._local_index(expert_id)
+        if local is None:
+            return False
+        cfg = self.config
+        n, k = cfg.intermediate_size, cfg.hidden_size
+        gated = cfg.w1_rows == 2 * n
+        quant = cfg.quant
+        if gate is not None:
+            if not gated:
+                raise ValueError(f"activation {cfg.activation!r} has no gate projection")
+            self._check_shape(f"experts.{expert_id}.gate", gate, (n, k))
+            self.w13_weight[local, :n].copy_(gate)
+        if up is not None:
+            self._check_shape(f"experts.{expert_id}.up", up, (n, k))
+            (self.w13_weight[local, n:] if gated else self.w13_weight[local]).copy_(up)
+        if down is not None:
+            self._check_shape(f"experts.{expert_id}.down", down, (k, n))
+            self.w2_weight[local].copy_(down)
+        for part, scale in (("gate", gate_scale), ("up", up_scale), ("down", down_scale)):
+            if scale is None:
+                continue
+            if not quant.is_quantized:
+                raise ValueError(f"experts.{expert_id}.{part} scale given but the layer is unquantized")
+            self._load_scale(local, part, scale, gated)
+        return True
+
+    def _load_scale(self, local: int, part: str, scale: torch.Tensor, gated: bool) -> None:
+        quant = self.config.quant
+        if part == "down":
+            self.w2_weight_scale[local].copy_(scale.reshape(self.w2_weight_scale[local].shape))
+            return
+        target = self.w13_weight_scale[local]
+        if quant.block_shape is None and not quant.per_act_token:
+            # per-tensor: one scale per expert; gate and up must agree (vLLM takes their max and requantizes)
+            target.copy_(scale.reshape(target.shape))
+            return
+        rows = target.shape[0]
+        half = rows // 2
+        if not gated:
+            target.copy_(scale.reshape(target.shape))
+        elif part == "gate":
+            target[:half].copy_(scale.reshape(target[:half].shape))
+        else:
+            target[half:].copy_(scale.reshape(target[half:].shape))
+
+    @torch.no_grad()
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load from HF per-expert tensors (``...experts.{i}.gate_proj.weight``, ``up_proj``, ``down_proj``,
+        or Mixtral's ``w1``/``w3``/``w2``; FP8 ``weight_scale_inv``) or stacked global tensors (``w13_weight
+        [E, 2N, K]``, ``w2_weight [E, K, N]`` and their ``_scale``), plus ``gate.weight`` and
+        ``e_score_correction_bias``. Returns the names consumed; tensors for other ranks' experts count
+        as consumed."""
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        loaded: set[str] = set()
+        owned = torch.tensor(self.local_expert_ids, dtype=torch.long)
+        for name, tensor in items:
+            match = _PER_EXPERT.search(name)
+            if match:
+                expert, proj, kind = int(match.group(1)), _ROLE[match.group(2)], match.group(3)
+                if kind == "weight":
+                    self.load_expert(expert, **{proj: tensor})
+                else:
+                    self.load_expert(expert, **{f"{proj}_scale": tensor})
+                loaded.add(name)
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            stacked = {
+                "w13_weight": self.w13_weight,
+                "w2_weight": self.w2_weight,
+                "w13_weight_scale": self.w13_weight_scale,
+                "w2_weight_scale": self.w2_weight_scale,
+            }
+            if leaf in stacked and stacked[leaf] is not None:
+                target = stacked[leaf]
+                src = tensor[owned.to(tensor.device)] if tensor.shape[0] == self.config.num_experts else tensor
+                self._check_shape(name, src, target.shape)
+                target.copy_(src)
+                loaded.add(name)
+            elif name.endswith("gate.weight") and self.gate is not None:
+                self.gate.weight.copy_(tensor)
+                loaded.add(name)
+            elif name.endswith("e_score_correction_bias") and self.e_score_correction_bias is not None:
+                self.e_score_correction_bias.copy_(tensor)
+                loaded.add(name)
+        return loaded
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"experts={c.num_experts} (local {c.num_local_experts}), top_k={c.top_k}, hidden={c.hidden_size}, "
+            f"intermediate={c.intermediate_size}, activation={c.activation}, quant={c.quant.name}, "
+            f"kernel={self.kernel.describe()}"
+        )

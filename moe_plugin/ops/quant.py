@@ -1,0 +1,139 @@
+"""FP8 (float8_e4m3fn) activation quantization: per-token-group, per-token and per-tensor.
+
+Scale of a group = max(amax, eps) / 448, optionally rounded up to a power of two (UE8M0); values are
+``clamp(x / scale, -448, 448)`` cast to FP8. Dequantization is ``q * scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import FP8_DTYPE
+
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+FP8_MIN = float(torch.finfo(FP8_DTYPE).min)
+DEFAULT_EPS = 1e-10
+
+
+def _check_input(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name} must be bf16, fp16 or fp32 to quantize, got {x.dtype}")
+
+
+def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Round scales up to the next power of two (the exponent-only UE8M0 format)."""
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
+def per_token_group_quant_fp8(
+    x: torch.Tensor,
+    group_size: int = 128,
+    *,
+    use_ue8m0: bool = False,
+    column_major_scales: bool = False,
+    eps: float = DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x [..., K]`` per token per ``group_size`` columns.
+
+    Returns ``(q [..., K] fp8, scales [..., ceil(K/group_size)] fp32)``. With ``column_major_scales``
+    the scales of a 2-D input are stored transposed (stride ``(1, M)``), as TMA-based GEMMs read them.
+    """
+    _check_input(x)
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    from ._dispatch import use_triton
+
+    if use_triton(x) and x.numel() and x.shape[-1] % group_size == 0:
+        from ._quant_triton import per_token_group_quant_fp8_triton
+
+        return per_token_group_quant_fp8_triton(
+            x, group_size, use_ue8m0=use_ue8m0, column_major_scales=column_major_scales, eps=eps
+        )
+    return per_token_group_quant_fp8_torch(
+        x, group_size, use_ue8m0=use_ue8m0, column_major_scales=column_major_scales, eps=eps
+    )
+
+
+def per_token_group_quant_fp8_torch(
+    x: torch.Tensor,
+    group_size: int = 128,
+    *,
+    use_ue8m0: bool = False,
+    column_major_scales: bool = False,
+    eps: float = DEFAULT_EPS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k = x.shape[-1]
+    groups = math.ceil(k / group_size)
+    lead = x.shape[:-1]
+    xf = x.float()
+    pad = groups * group_size - k
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    xg = xf.reshape(*lead, groups, group_size)
+    amax = xg.abs().amax(dim=-1).clamp_min(eps)
+    scale = amax / FP8_MAX
+    if use_ue8m0:
+        scale = round_scale_ue8m0(scale)
+    q = (xg / scale.unsqueeze(-1)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(*lead, groups * group_size)[..., :k].contiguous()
+    if column_major_scales and scale.dim() == 2:
+        scale = scale.t().contiguous().t()
+    return q, scale
+
+
+def per_token_quant_fp8(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row: returns ``(q, scales [..., 1])``."""
+    _check_input(x)
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(eps)
+    scale = amax / FP8_MAX
+    q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def per_tensor_quant_fp8(
+    x: torch.Tensor, scale: torch.Tensor | None = None, *, eps: float = DEFAULT_EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale for the whole tensor (computed when ``scale`` is None, else the static one given)."""
+    _check_input(x)
+    if scale is None:
+        scale = (x.float().abs().amax().clamp_min(eps) / FP8_MAX).reshape(1)
+    else:
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one value for per-tensor quantization, got shape {tuple(scale.shape)}")
+        scale = scale.float().reshape(1).to(x.device)
+    q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequant_per_token_group(q: torch.Tensor, scale: torch.Tensor, group_size: int = 128) -> torch.Tensor:
+    """fp32 ``q * scale`` with each scale broadcast over its group of columns."""
+    k = q.shape[-1]
+    return q.float() * scale.float().repeat_interleave(group_size, dim=-1)[..., :k]
+
+
+def dequant_block_weight(w: torch.Tensor, scale: torch.Tensor, block_shape: tuple[int, int]) -> torch.Tensor:
+    """fp32 weight ``[..., R, C]`` from FP8 blocks and their ``[..., ceil(R/bn), ceil(C/bk)]`` scales."""
+    bn, bk = block_shape
+    r, c = w.shape[-2:]
+    s = scale.float().repeat_interleave(bn, dim=-2)[..., :r, :].repeat_interleave(bk, dim=-1)[..., :c]
+    return w.float() * s
+
+
+def quantize_block_weight(
+    w: torch.Tensor, block_shape: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a weight ``[..., R, C]`` into FP8 with one fp32 scale per ``block_shape`` block."""
+    bn, bk = block_shape
+    r, c = w.shape[-2:]
+    rb, cb = math.ceil(r / bn), math.ceil(c / bk)
+    wf = torch.nn.functional.pad(w.float(), (0, cb * bk - c, 0, rb * bn - r))
+    blocks = wf.reshape(*w.shape[:-2], rb, bn, cb, bk)
+    amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(DEFAULT_EPS)
+    scale = amax / FP8_MAX
+    q = (blocks / scale[..., :, None, :, None]).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = q.reshape(*w.shape[:-2], rb * bn, cb * bk)[..., :r, :c].contiguous()
+    return q, scale

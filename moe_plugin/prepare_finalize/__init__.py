@@ -1,0 +1,1 @@
+"""PrepareAndFinalize backends, one per file; the oracle's registry lists them."""
