@@ -37,6 +37,12 @@ def _renormalize(weights: torch.Tensor) -> torch.Tensor:
     return weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
 
 
+def _topk_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k with ties broken toward the lower expert id (torch.topk leaves tie order unspecified)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
 def fused_topk(
     hidden_states: torch.Tensor,
     gating_output: torch.Tensor,
@@ -50,7 +56,7 @@ def fused_topk(
     """
     _check_router_inputs(hidden_states, gating_output, topk, scoring_func)
     scores = _scores(gating_output, scoring_func)
-    weights, ids = torch.topk(scores, topk, dim=-1, sorted=True)
+    weights, ids = _topk_stable(scores, topk)
     if renormalize:
         weights = _renormalize(weights)
     return weights, ids.to(torch.int32)
@@ -104,11 +110,11 @@ def grouped_topk(
     else:
         choice = scores
         group_scores = choice.view(m, groups, per_group).amax(dim=-1)
-    best_groups = torch.topk(group_scores, keep_groups, dim=-1, sorted=False).indices
+    best_groups = _topk_stable(group_scores, keep_groups)[1]
     group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
     expert_mask = group_mask.unsqueeze(-1).expand(m, groups, per_group).reshape(m, num_experts)
     masked = choice.masked_fill(~expert_mask, float("-inf"))
-    ids = torch.topk(masked, topk, dim=-1, sorted=True).indices
+    ids = _topk_stable(masked, topk)[1]
     weights = scores.gather(1, ids)
     if renormalize:
         weights = _renormalize(weights)

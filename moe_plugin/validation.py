@@ -169,7 +169,8 @@ def check_moe_inputs(
                 raise ValueError(f"{name} given but the quant config is unquantized; pass quant=QuantConfig.fp8_block()")
     if not isinstance(global_num_experts, int) or global_num_experts < e:
         raise ValueError(
-            f"global_num_experts must be an int >= the {e} local experts in w1, got {global_num_experts!r}"
+            f"global_num_experts (and expert_map's length) must be an int >= the {e} local experts in w1, "
+            f"got {global_num_experts!r}"
         )
     if expert_map is None and global_num_experts != e:
         raise ValueError(
