@@ -3,8 +3,10 @@ weight loading for the experts this rank owns."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import weakref
 from typing import Iterable, Mapping
 
 import torch
@@ -21,6 +23,20 @@ logger = logging.getLogger(__name__)
 # HF per-expert names: Qwen/DeepSeek use gate_proj/up_proj/down_proj, Mixtral w1 (gate), w3 (up), w2 (down).
 _PER_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w2|w3)\.(weight|weight_scale_inv|weight_scale)$")
 _ROLE = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+# Layers are reached from the custom op by name, so compiled graphs hold a string, not a module.
+_LAYERS: "weakref.WeakValueDictionary[str, FusedMoE]" = weakref.WeakValueDictionary()
+_LAYER_IDS = itertools.count()
+
+
+@torch.library.custom_op("moe_plugin::moe_layer_forward", mutates_args=())
+def _moe_layer_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, layer_name: str) -> torch.Tensor:
+    return _LAYERS[layer_name]._forward_impl(hidden_states, router_logits)
+
+
+@_moe_layer_forward.register_fake
+def _(hidden_states, router_logits, layer_name):
+    return torch.empty_like(hidden_states)
 
 
 class FusedMoE(nn.Module):
@@ -102,6 +118,8 @@ class FusedMoE(nn.Module):
         if shared_experts is not None:
             kernel.shared_experts = shared_experts
         self.kernel = kernel
+        self.layer_name = f"moe_plugin.FusedMoE.{next(_LAYER_IDS)}"
+        _LAYERS[self.layer_name] = self
 
     # ---- forward ---------------------------------------------------------------------------------
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,14 +144,20 @@ class FusedMoE(nn.Module):
         return ExpertWeights(self.w13_weight, self.w2_weight, self.w13_weight_scale, self.w2_weight_scale)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """``hidden_states [..., K]`` -> ``[..., K]``. Runs as the custom op ``moe_plugin::moe_layer_forward``
+        so torch.compile sees one opaque call instead of the data-dependent routing inside."""
         shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, shape[-1])
         if router_logits is None:
             if self.gate is None:
                 raise ValueError("router_logits is required when the layer was built without with_gate=True")
             router_logits = self.gate(hidden_states)
-        topk_weights, topk_ids = self.route(hidden_states, router_logits.reshape(hidden_states.shape[0], -1))
-        out = self.kernel(
+        router_logits = router_logits.reshape(hidden_states.shape[0], -1)
+        return torch.ops.moe_plugin.moe_layer_forward(hidden_states, router_logits, self.layer_name).reshape(shape)
+
+    def _forward_impl(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.route(hidden_states, router_logits)
+        return self.kernel(
             hidden_states,
             self.expert_weights(),
             topk_weights,
@@ -143,7 +167,6 @@ class FusedMoE(nn.Module):
             expert_map=self.expert_map,
             apply_router_weight_on_input=self.apply_router_weight_on_input,
         )
-        return out.reshape(shape)
 
     # ---- weight loading --------------------------------------------------------------------------
     def _local_index(self, global_id: int) -> int | None:
