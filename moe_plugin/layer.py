@@ -281,6 +281,14 @@ class FusedMoE(nn.Module):
                 loaded.add(name)
         return loaded
 
+    @torch.no_grad()
+    def finalize_weights(self) -> None:
+        """Call once after loading: lets the experts backend convert weights into its own layout (e.g.
+        DeepGEMM's scale layout) at load time instead of on the first forward."""
+        prepare = getattr(self.kernel.experts, "prepare_weights", None)
+        if prepare is not None:
+            prepare(self.expert_weights())
+
     def extra_repr(self) -> str:
         c = self.config
         return (

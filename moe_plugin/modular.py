@@ -232,7 +232,6 @@ class PermuteExpertsUnpermute(ABC):
     activation_format: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
     required_modules: ClassVar[tuple[str, ...]] = ()
     supports_expert_map: ClassVar[bool] = True
-    supports_chunking: ClassVar[bool] = True
 
     def __init__(self, config: MoEConfig):
         self.config = config
@@ -352,8 +351,6 @@ class ModularKernel:
         cap = prepare_finalize.max_num_tokens_per_rank()
         if cap is not None:
             chunk_size = min(chunk_size, cap)
-        if not experts.supports_chunking:
-            chunk_size = 2**62
         self.prepare_finalize = prepare_finalize
         self.experts = experts
         self.shared_experts = shared_experts
