@@ -58,10 +58,11 @@ DEEPGEMM_M_ALIGNMENT = 128
 """Rows per expert in the contiguous layout are padded to this (``get_mk_alignment_for_contiguous_layout``
 of DeepGEMM 2.x on SM90/SM100; the library's own value is used when it is importable)."""
 
-DEEPGEMM_MIN_TOKENS = 128
+DEEPGEMM_MIN_TOKENS = 1024
 """Smallest ``MoEConfig.max_num_tokens`` (tokens per call on a rank) at which the oracle prefers
-DeepGemmExperts over the Triton FP8 experts. PLACEHOLDER: scripts/bench_deepgemm.py measures the crossover
-(its JSON's ``"crossover"`` section) on the GPU machine; set this constant from that run."""
+DeepGemmExperts over the Triton FP8 experts. Measured by scripts/bench_deepgemm.py on an H100 (2026-11-25,
+DeepSeek-V3 EP8 shard, CUDA-graph medians): Triton FP8 is faster up to M=256 (550 vs 694 us), DeepGEMM
+from M=1024 (714 vs 721 us) on; see docs/benchmarks.md."""
 
 SUPPORTED_ARCH_MAJORS = (9, 10)
 
