@@ -157,6 +157,9 @@ class PrepareAndFinalize(ABC):
     name: ClassVar[str] = "?"
     activation_format: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
     required_modules: ClassVar[tuple[str, ...]] = ()
+    experts_rows_are_caller_tokens: ClassVar[bool] = False
+    """True when prepare hands the experts the caller's own tokens in order (no communication, no
+    reordering): experts that weight and reduce themselves may then write straight into the output."""
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
@@ -479,7 +482,18 @@ class ModularKernel:
         device = a1q.device
         workspace13 = self.workspaces.get("workspace13", shapes.workspace13, work_dtype, device)
         workspace2 = self.workspaces.get("workspace2", shapes.workspace2, work_dtype, device)
-        fused_out = self.workspaces.get("output", shapes.output, work_dtype, device)
+        weight_and_reduce = experts.weight_and_reduce()
+        direct = (
+            pf.experts_rows_are_caller_tokens
+            and isinstance(weight_and_reduce, WeightAndReduceNoOp)
+            and tuple(shapes.output) == tuple(output.shape)
+            # in place, the output aliases the experts' input
+            and output.data_ptr() != hidden_states.data_ptr()
+        )
+        if direct:
+            fused_out = output  # saves an [M, K] copy; finalize's NoOp sees the same storage
+        else:
+            fused_out = self.workspaces.get("output", shapes.output, work_dtype, device)
 
         experts.apply(
             fused_out,
@@ -503,7 +517,7 @@ class ModularKernel:
             topk_weights,
             topk_ids,
             apply_router_weight_on_input=apply_router_weight_on_input,
-            weight_and_reduce=experts.weight_and_reduce(),
+            weight_and_reduce=weight_and_reduce,
         )
         finish()
         return shared_out

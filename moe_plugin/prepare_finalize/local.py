@@ -38,6 +38,7 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
 
     name = "local"
     activation_format = ActivationFormat.STANDARD
+    experts_rows_are_caller_tokens = True
 
     @classmethod
     def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
