@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import ACTIVATIONS, is_gated
+from ..config import ACTIVATIONS, FP8_DTYPE, is_gated
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -98,3 +98,67 @@ def apply_activation(activation: str, x: torch.Tensor, out: torch.Tensor | None 
 def activation_output_dim(activation: str, w1_rows: int) -> int:
     """Columns after the activation: half of w1's rows when gated."""
     return w1_rows // 2 if is_gated(activation) else w1_rows
+
+
+def silu_mul_fp8_quant_masked(
+    y: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    group_size: int = 128,
+    use_ue8m0: bool = False,
+    column_major_scales: bool = True,
+    eps: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``silu(y[..., :H]) * y[..., H:]`` and per-token-group FP8 quantization in the masked layout.
+
+    ``y [E, T, 2H]`` holds ``tokens_per_expert[e]`` valid rows per expert (the Batched format); rows past
+    the count are neither read nor written. Returns ``(y_q [E, T, H] float8_e4m3fn, y_s [E, T, H / group]
+    fp32)``; with ``column_major_scales`` ``y_s`` has strides ``(T * G, 1, T)`` (what DeepGEMM's masked
+    GEMM reads), else it is contiguous. The activation stays in fp32 up to the quantization (no rounding
+    to ``y``'s dtype in between); scales follow ``ops.quant`` (``max(amax, eps) / 448``, rounded up to a power
+    of two with ``use_ue8m0``). The CUDA launch has a grid fixed by the shape, so it can be captured once
+    and replayed for any counts.
+    """
+    if not isinstance(y, torch.Tensor) or y.dim() != 3:
+        raise ValueError(f"y must be a 3-D tensor [E, T, 2H], got {getattr(y, 'shape', y)!r}")
+    if y.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"y must be bf16, fp16 or fp32, got {y.dtype}")
+    e, t, h2 = y.shape
+    if h2 % 2:
+        raise ValueError(f"y's last dimension must be even (gate | up), got {h2}")
+    h = h2 // 2
+    if not isinstance(group_size, int) or group_size < 1 or h % group_size:
+        raise ValueError(f"group_size must be a positive int dividing H={h}, got {group_size!r}")
+    if not isinstance(tokens_per_expert, torch.Tensor) or tuple(tokens_per_expert.shape) != (e,):
+        raise ValueError(f"tokens_per_expert must be a tensor of shape [{e}], got {getattr(tokens_per_expert, 'shape', tokens_per_expert)!r}")
+    if tokens_per_expert.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"tokens_per_expert must be int32 or int64, got {tokens_per_expert.dtype}")
+    if tokens_per_expert.device != y.device:
+        raise ValueError(f"tokens_per_expert must be on {y.device} like y, got {tokens_per_expert.device}")
+    groups = h // group_size
+    y_q = torch.empty((e, t, h), dtype=FP8_DTYPE, device=y.device)
+    if column_major_scales:
+        y_s = torch.empty_strided((e, t, groups), (t * groups, 1, t), dtype=torch.float32, device=y.device)
+    else:
+        y_s = torch.empty((e, t, groups), dtype=torch.float32, device=y.device)
+    if y.numel() == 0:
+        return y_q, y_s
+
+    from ._dispatch import use_triton
+
+    if use_triton(y):
+        from ._activation_triton import silu_mul_fp8_quant_masked_triton
+
+        silu_mul_fp8_quant_masked_triton(y, tokens_per_expert, y_q, y_s, group_size, use_ue8m0, eps)
+        return y_q, y_s
+
+    from .quant import per_token_group_quant_fp8_torch
+
+    for expert, count in enumerate(tokens_per_expert.tolist()):
+        n = min(max(int(count), 0), t)
+        if n == 0:
+            continue
+        gate, up = y[expert, :n, :h].float(), y[expert, :n, h:].float()
+        q, s = per_token_group_quant_fp8_torch(torch.nn.functional.silu(gate) * up, group_size, use_ue8m0=use_ue8m0, eps=eps)
+        y_q[expert, :n] = q
+        y_s[expert, :n] = s
+    return y_q, y_s

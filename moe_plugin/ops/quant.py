@@ -25,8 +25,16 @@ def _check_input(x: torch.Tensor, name: str = "x") -> None:
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Round scales up to the next power of two (the exponent-only UE8M0 format)."""
-    return torch.exp2(torch.ceil(torch.log2(scale)))
+    """Round scales up to the next power of two (the exponent-only UE8M0 format).
+
+    Done on the fp32 bit pattern (any mantissa bit set moves the value to the next exponent), which is
+    exact where ``exp2(ceil(log2(s)))`` can round ``log2`` down to an integer and return a scale below ``s``;
+    the Triton kernels use the same rule, so both paths agree bit for bit.
+    """
+    s = scale.float()
+    bits = s.view(torch.int32)
+    rounded = torch.where((bits & 0x7FFFFF) != 0, (bits & -0x800000) + 0x800000, bits).view(torch.float32)
+    return torch.where(torch.isnan(s), s, rounded).to(scale.dtype)
 
 
 def per_token_group_quant_fp8(
@@ -88,6 +96,12 @@ def per_token_group_quant_fp8_torch(
 def per_token_quant_fp8(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale per row: returns ``(q, scales [..., 1])``."""
     _check_input(x)
+    from ._dispatch import use_triton
+
+    if use_triton(x) and x.numel():
+        from ._quant_triton import per_token_group_quant_fp8_triton
+
+        return per_token_group_quant_fp8_triton(x, x.shape[-1], eps=eps)
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(eps)
     scale = amax / FP8_MAX
     q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
@@ -105,6 +119,12 @@ def per_tensor_quant_fp8(
         if scale.numel() != 1:
             raise ValueError(f"scale must hold one value for per-tensor quantization, got shape {tuple(scale.shape)}")
         scale = scale.float().reshape(1).to(x.device)
+    from ._dispatch import use_triton
+
+    if use_triton(x) and x.numel():
+        from ._quant_triton import static_quant_fp8_triton
+
+        return static_quant_fp8_triton(x, scale), scale
     q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 

@@ -1,0 +1,127 @@
+"""Standard-format experts on the Triton grouped GEMM (``ops.fused_moe``).
+
+GEMM1 writes the activation directly (gated activations and squared ReLU run in its epilogue); with FP8
+block scales the per-token-group quantization GEMM2 needs happens in that epilogue or as GEMM2 loads its
+input, never in a separate pass. GEMM2 multiplies by the routing weights in its epilogue; one reduction
+kernel sums each token's local slots. The output is therefore already weighted and reduced (``[M, K]``,
+``WeightAndReduceNoOp``).
+
+Decode sizes skip the token sort entirely (slot routing, see ``ops.fused_moe``); larger batches sort
+only the slots of this rank's experts, so under expert parallelism remote slots cost nothing.
+"""
+
+from __future__ import annotations
+
+from ..config import MoEConfig, is_gated
+from ..modular import (
+    ActivationFormat,
+    PermuteExpertsUnpermute,
+    TopKWeightAndReduce,
+    WeightAndReduceNoOp,
+    WorkspaceShapes,
+)
+from ..ops._dispatch import triton_interpreting
+
+
+def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
+    """Shared ``supports`` of the Triton experts backends."""
+    if not caps.has("triton"):
+        return False, f"needs triton ({caps.missing_reason('triton')})"
+    if caps.is_cuda:
+        cap = caps.capability or (0, 0)
+        sm = f"sm{cap[0]}{cap[1]}"
+        if cap < (8, 0):
+            return False, f"needs compute capability >= 8.0 for Triton tensor-core dots (found {sm})"
+        if config.quant.is_quantized and cap < (8, 9):
+            return False, f"fp8 w8a8 needs compute capability >= 8.9 (found {sm})"
+    elif caps.device_type == "cpu":
+        if not triton_interpreting():
+            return False, "CPU without TRITON_INTERPRET=1: torch reference is faster"
+    else:
+        return False, f"runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {caps.device_type}"
+    if config.quant.block_shape is not None:
+        bk = config.quant.block_shape[1]
+        if bk < 16 or bk & (bk - 1):
+            return False, f"block_shape {config.quant.block_shape}: the K block must be a power of two >= 16"
+    return True, ""
+
+
+class TritonExperts(PermuteExpertsUnpermute):
+    """Standard format: ``a1 [M, K]`` + ``topk_ids [M, k]`` in, ``[M, K]`` weighted and reduced out.
+
+    ``launch_config`` (an ``ops.fused_moe.LaunchConfig``) pins the tiles; by default they come from the
+    tuned JSON files for the device, else from the shape heuristic.
+    """
+
+    name = "triton"
+    activation_format = ActivationFormat.STANDARD
+    required_modules = ("triton",)
+    supports_expert_map = True
+    supports_chunking = True
+
+    def __init__(self, config: MoEConfig, launch_config=None):
+        super().__init__(config)
+        self.launch_config = launch_config
+
+    @classmethod
+    def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
+        return triton_support(config, caps)
+
+    def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
+        slots = num_tokens * top_k
+        n_inter = n // 2 if is_gated(activation) else n
+        # workspace2 holds the activation between the GEMMs: model dtype, or FP8 plus its group scales
+        # (which fit in the same bytes); the spare elements cover the 256-byte alignment of the scales.
+        return WorkspaceShapes(
+            workspace13=(slots, k),
+            workspace2=(slots * n_inter + 512,),
+            output=(num_tokens, k),
+        )
+
+    def weight_and_reduce(self) -> TopKWeightAndReduce:
+        return WeightAndReduceNoOp()
+
+    def apply(
+        self,
+        output,
+        hidden_states,
+        weights,
+        topk_weights,
+        topk_ids,
+        *,
+        activation,
+        global_num_experts,
+        expert_map,
+        a1q_scale,
+        workspace13,
+        workspace2,
+        expert_tokens_meta,
+        apply_router_weight_on_input,
+    ) -> None:
+        from ..ops.fused_moe import experts_standard
+
+        if hidden_states.shape[0] == 0:
+            return
+        # A prepare step may forward model-dtype activations with a quantized scheme: experts_standard
+        # quantizes them (inside GEMM1 at decode sizes).
+        experts_standard(
+            output,
+            hidden_states,
+            a1q_scale,
+            weights.w1,
+            weights.w2,
+            topk_weights,
+            topk_ids,
+            activation=activation,
+            quant=self.quant,
+            w1_scale=weights.w1_scale,
+            w2_scale=weights.w2_scale,
+            a2_scale=weights.a2_scale,
+            expert_map=expert_map,
+            global_num_experts=global_num_experts,
+            mul_routed_weight=not apply_router_weight_on_input,
+            config=self.launch_config,
+            workspace13=workspace13,
+            workspace2=workspace2,
+            a1_scale=weights.a1_scale,
+        )

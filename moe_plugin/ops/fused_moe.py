@@ -1,0 +1,1518 @@
+"""Triton grouped GEMM for MoE experts (seed 002's properties) and the two experts pipelines built on it.
+
+One kernel, ``_moe_gemm_kernel``, serves every GEMM of both activation formats. Per output tile it
+works out (expert, rows) in one of three ways (``ROUTE``):
+
+- ``"sorted"``: vLLM's layout from ``ops.align`` -- ``sorted_token_ids`` grouped by expert and padded to
+  ``BLOCK_M``, ``expert_ids`` per block, ``num_tokens_post_padded`` read on the device. Only slots of
+  local experts are sorted (``expert_map`` is applied while sorting), so remote slots cost nothing.
+- ``"slot"``: no sort at all (decode sizes). Program ``s`` reads every slot's expert id, and if slot ``s``
+  is the first of a ``BLOCK_M``-chunk of the slots routed to its expert, it gathers that chunk and runs
+  the tile; otherwise it does nothing. This replaces the three align launches with a compare over at most
+  256 ids inside the GEMM prologue.
+- ``"batched"``: ``[E, T, K]`` activations masked by ``expert_num_tokens`` (read on the device).
+
+Shared properties: fp32 accumulation; tiles of remote experts are skipped (their rows are never written,
+and the final reduction skips remote slots instead of summing zeros); optional routed-weight multiply;
+arbitrary strides; the number of valid tokens can be read on the device so one captured CUDA graph serves
+every batch up to a hint (programs stride over tiles when the hint-sized grid is short, which also gives
+the optional persistent grid); fused epilogues (gated silu / gelu / swiglu, squared ReLU) so GEMM1 writes
+the activation directly; split-K for GEMM2 at tiny M (fp32 partials, summed by the reduction).
+
+FP8 w8a8: 128x128 (any ``(bn, bk)``) block scales applied per K step, or per-tensor / per-token x
+per-channel scales applied once in the epilogue (zero strides express "per tensor"). The activation
+between the GEMMs is quantized per token per 128 columns either in GEMM1's epilogue (when a tile holds
+whole groups) or by GEMM2 as it loads its input (narrow decode tiles), never by a separate pass;
+per-tensor / per-token schemes use ``ops.scheme.quantize_activation`` between the GEMMs.
+
+Launch configs come from JSON files in ``configs/`` (``E=..,N=..,device_name=..,dtype=...json`` mapping M
+to a config; see ``config_file_name``), from ``$MOE_PLUGIN_TRITON_CONFIG_DIR`` first, else from a
+shape-aware heuristic. ``$MOE_PLUGIN_TRITON_CONFIG`` (one JSON config) forces a config for every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import FP8_DTYPE, QuantConfig, ScaleFormat, is_gated
+from ._dispatch import triton_available, use_triton
+from ._jit import cast_for_store, kernel
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # torch-only installs: nothing here is launched (supports() rejects the backend)
+    triton = None
+    tl = None
+
+logger = logging.getLogger(__name__)
+
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+QUANT_EPS = 1e-10
+"""Same floor as ``ops.quant`` so fused and unfused activation quantization agree."""
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+CONFIG_DIR_ENV = "MOE_PLUGIN_TRITON_CONFIG_DIR"
+FORCE_CONFIG_ENV = "MOE_PLUGIN_TRITON_CONFIG"
+
+SLOT_ROUTING_MAX_SLOTS = 256
+"""Largest ``M * top_k`` the slot routing accepts (its prologue compares every slot id in registers)."""
+
+_ACTIVATIONS = ("silu", "gelu", "swiglu", "relu2")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# ====================================================================================================
+# launch configs
+
+
+@dataclass(frozen=True)
+class GemmLaunch:
+    """Tile shape and launch parameters of one GEMM.
+
+    For the gated GEMM1 ``block_n`` counts output columns of the activation: each program computes
+    ``block_n`` gate rows and the matching ``block_n`` up rows of ``w1``.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 16 or v & (v - 1):
+                raise ValueError(f"GemmLaunch.{name} must be a power of two >= 16, got {v!r}")
+        for name in ("group_m", "num_warps", "num_stages", "split_k"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"GemmLaunch.{name} must be a positive int, got {v!r}")
+        if self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"GemmLaunch.num_warps must be a power of two, got {self.num_warps}")
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Both GEMMs of one experts call. They share ``block_m`` because they share one token sort."""
+
+    gemm1: GemmLaunch
+    gemm2: GemmLaunch
+    routing: str = "auto"
+    """``"slot"`` (no sort; decode sizes), ``"sorted"`` (align + grouped GEMM) or ``"auto"``."""
+    persistent: bool = False
+    """Launch about two programs per SM that stride over the tiles instead of one program per tile."""
+    source: str = field(default="heuristic", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.gemm1.block_m != self.gemm2.block_m:
+            raise ValueError(
+                f"gemm1 and gemm2 must share block_m (one token sort), got {self.gemm1.block_m} and {self.gemm2.block_m}"
+            )
+        if self.routing not in ("auto", "slot", "sorted"):
+            raise ValueError(f"routing must be 'auto', 'slot' or 'sorted', got {self.routing!r}")
+        if self.gemm1.split_k != 1:
+            raise ValueError("split_k is only supported for GEMM2 (GEMM1's epilogue needs complete sums)")
+
+    @staticmethod
+    def from_dict(d: dict[str, Any], source: str = "dict") -> "LaunchConfig":
+        """Parse a vLLM-style entry (``BLOCK_SIZE_M`` ...) with optional ``routing``, ``persistent`` and a
+        ``gemm2`` dict overriding GEMM2's keys."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a launch config must be a dict, got {type(d).__name__}")
+        known = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages",
+                 "SPLIT_K", "routing", "persistent", "gemm2"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown launch config keys {sorted(unknown)}; known: {sorted(known)}")
+
+        def gemm(src: dict[str, Any], base: dict[str, Any]) -> GemmLaunch:
+            merged = {**base, **src}
+            return GemmLaunch(
+                block_m=int(merged["BLOCK_SIZE_M"]),
+                block_n=int(merged["BLOCK_SIZE_N"]),
+                block_k=int(merged["BLOCK_SIZE_K"]),
+                group_m=int(merged.get("GROUP_SIZE_M", 1)),
+                num_warps=int(merged.get("num_warps", 4)),
+                num_stages=int(merged.get("num_stages", 3)),
+                split_k=int(merged.get("SPLIT_K", 1)),
+            )
+
+        base = {k: v for k, v in d.items() if k not in ("gemm2", "routing", "persistent", "SPLIT_K")}
+        g2 = dict(d.get("gemm2", {}))
+        if "SPLIT_K" in d:
+            g2.setdefault("SPLIT_K", d["SPLIT_K"])
+        if "BLOCK_SIZE_M" in g2 and g2["BLOCK_SIZE_M"] != d["BLOCK_SIZE_M"]:
+            raise ValueError("gemm2.BLOCK_SIZE_M must equal BLOCK_SIZE_M (both GEMMs share one token sort)")
+        return LaunchConfig(
+            gemm1=gemm({}, base),
+            gemm2=gemm(g2, base),
+            routing=str(d.get("routing", "auto")),
+            persistent=bool(d.get("persistent", False)),
+            source=source,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        g1, g2 = self.gemm1, self.gemm2
+        out: dict[str, Any] = {
+            "BLOCK_SIZE_M": g1.block_m,
+            "BLOCK_SIZE_N": g1.block_n,
+            "BLOCK_SIZE_K": g1.block_k,
+            "GROUP_SIZE_M": g1.group_m,
+            "num_warps": g1.num_warps,
+            "num_stages": g1.num_stages,
+            "routing": self.routing,
+            "persistent": self.persistent,
+            "gemm2": {
+                "BLOCK_SIZE_N": g2.block_n,
+                "BLOCK_SIZE_K": g2.block_k,
+                "GROUP_SIZE_M": g2.group_m,
+                "num_warps": g2.num_warps,
+                "num_stages": g2.num_stages,
+                "SPLIT_K": g2.split_k,
+            },
+        }
+        return out
+
+
+def dtype_tag(dtype: torch.dtype, quant: QuantConfig) -> str:
+    """The ``dtype=`` part of a config file name."""
+    if quant.is_quantized:
+        return "fp8_w8a8"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def config_file_name(
+    num_experts: int, n: int, device_name: str, dtype: str, block_shape=None, *, batched: bool = False
+) -> str:
+    """``E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json`` (``,block_shape=[128,128]`` for
+    FP8 block scales, ``,layout=batched`` for the masked layout whose keys are rows per expert). ``E`` is
+    the local expert count and ``N`` the intermediate size (w2's last dim)."""
+    name = f"E={num_experts},N={n},device_name={device_name.replace(' ', '_')},dtype={dtype}"
+    if block_shape is not None:
+        name += f",block_shape=[{block_shape[0]},{block_shape[1]}]"
+    if batched:
+        name += ",layout=batched"
+    return name + ".json"
+
+
+@functools.lru_cache(maxsize=64)
+def _load_config_file(path: str, mtime: float) -> dict[int, dict[str, Any]]:
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object mapping M to a launch config")
+    table = {}
+    for key, value in raw.items():
+        if key.startswith("_"):
+            continue  # metadata (tuning provenance)
+        table[int(key)] = value
+    return table
+
+
+def _config_dirs() -> list[Path]:
+    dirs = []
+    extra = os.environ.get(CONFIG_DIR_ENV)
+    if extra:
+        dirs.extend(Path(p) for p in extra.split(os.pathsep) if p)
+    dirs.append(CONFIG_DIR)
+    return dirs
+
+
+LOOKUP_MAX_RATIO = 2.0
+"""A file entry tuned for M' serves M only when max(M, M') / min(M, M') is at most this; a partially tuned
+file must not hand a prefill config to a decode batch (the heuristic serves the gaps)."""
+
+
+def lookup_config_file(file_name: str, m: int) -> LaunchConfig | None:
+    """The entry of the first config file named ``file_name`` whose M key is nearest to ``m`` (in ratio),
+    or None when no key is within ``LOOKUP_MAX_RATIO`` of ``m``."""
+    m = max(1, m)
+    for d in _config_dirs():
+        path = d / file_name
+        if not path.is_file():
+            continue
+        table = _load_config_file(str(path), path.stat().st_mtime)
+        keys = [k for k in table if k > 0]
+        if not keys:
+            continue
+        key = min(keys, key=lambda k: (abs(math.log2(k / m)), k))
+        if max(key, m) / min(key, m) > LOOKUP_MAX_RATIO:
+            return None
+        return LaunchConfig.from_dict(table[key], source=f"{path.name}[{key}]")
+    return None
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    num_sms: int
+    smem_bytes: int
+    capability: tuple[int, int] | None
+
+
+@functools.lru_cache(maxsize=16)
+def device_info(device: str) -> DeviceInfo:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        # Interpreter runs: numbers only shape the heuristic; any positive values work.
+        return DeviceInfo(name="cpu", num_sms=8, smem_bytes=228 * 1024, capability=None)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 0
+    if not smem and triton is not None:
+        try:
+            smem = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+        except Exception:  # the property is only a budget; fall back to a value every sm80+ part has
+            smem = 99 * 1024
+    return DeviceInfo(
+        name=torch.cuda.get_device_name(index),
+        num_sms=props.multi_processor_count,
+        smem_bytes=int(smem or 99 * 1024),
+        capability=tuple(torch.cuda.get_device_capability(index)),
+    )
+
+
+def expected_active_experts(m: int, top_k: int, num_local: int, num_global: int) -> float:
+    """Expected number of local experts that receive at least one of ``m`` tokens under uniform routing."""
+    if m <= 0:
+        return 0.0
+    p_pick = min(1.0, top_k / num_global)
+    return num_local * (1.0 - (1.0 - p_pick) ** m)
+
+
+def _pick_block_n(blocks: float, n_out: int, target: int, candidates=(128, 64, 32, 16)) -> int:
+    """Largest tile width that still gives ``target`` tiles (memory-bound sizes want every SM streaming)."""
+    cap = max(16, _next_pow2(n_out))
+    for bn in candidates:
+        if bn <= cap and blocks * _cdiv(n_out, bn) >= target:
+            return bn
+    return min(candidates[-1], cap) if candidates[-1] <= cap else 16
+
+
+def heuristic_config(
+    m: int,
+    num_local: int,
+    num_global: int,
+    n: int,
+    k: int,
+    top_k: int,
+    *,
+    fp8: bool,
+    num_sms: int,
+    group_k: int | None = None,
+) -> LaunchConfig:
+    """A launch config for ``m`` tokens routed top-``top_k`` over ``num_global`` experts, ``num_local``
+    of them here, assuming uniform routing (see ``heuristic_for_rows``)."""
+    slots = m * top_k
+    local_slots = slots * num_local / num_global
+    active = max(1.0, expected_active_experts(m, top_k, num_local, num_global))
+    return heuristic_for_rows(
+        local_slots / active, active, n, k, fp8=fp8, num_sms=num_sms, group_k=group_k, slots=slots
+    )
+
+
+def heuristic_for_rows(
+    rows_per_expert: float,
+    active_experts: float,
+    n: int,
+    k: int,
+    *,
+    fp8: bool,
+    num_sms: int,
+    group_k: int | None = None,
+    slots: int | None = None,
+) -> LaunchConfig:
+    """A launch config from the rows each active expert gets.
+
+    Few rows are memory-bound: small ``BLOCK_M`` (padding waste is the tax), tile widths chosen so about
+    two tiles per SM stream weights, deep pipelines. Many rows are compute-bound: 128-row tiles with 256
+    output columns per program (gated GEMM1: 128 gate + 128 up columns), 8 warps, grouped raster so the
+    gathered rows stay in L2 while the program sweeps the columns.
+    """
+    target = 2 * num_sms
+    routing = "slot" if slots is not None and slots <= 64 else "sorted"
+    if rows_per_expert <= 16:
+        bm = 16
+    elif rows_per_expert <= 48:
+        bm = 32
+    elif rows_per_expert <= 160 or fp8:
+        # FP8 block scales need a second accumulator per K step: 128-row gated tiles spill registers.
+        bm = 64
+    else:
+        bm = 128
+    blocks = max(1.0, active_experts) * max(1, _cdiv(int(math.ceil(rows_per_expert)), bm))
+    # Register and shared-memory budgets below were read off sm90 compiles (ptxas resource usage):
+    # every default is spill-free and fits 227 KB.
+    if bm <= 32:
+        g1 = GemmLaunch(bm, _pick_block_n(blocks, n, target, (64, 32, 16)), 128, 1, 4, 4)
+        g2 = GemmLaunch(bm, _pick_block_n(blocks, k, target, (128, 64, 32, 16)), 128, 1, 4, 4)
+    elif fp8:
+        g1 = GemmLaunch(64, 128, 128, 8, 8, 3)
+        g2 = GemmLaunch(64, 256, 128, 8, 8, 3) if rows_per_expert > 160 else GemmLaunch(64, 128, 128, 8, 4, 4)
+    elif bm == 64:
+        g1 = GemmLaunch(64, 64, 64, 8, 4, 4)
+        g2 = GemmLaunch(64, 128, 64, 8, 4, 4)
+    else:
+        g1 = GemmLaunch(128, 128, 64, 8, 8, 4)
+        g2 = GemmLaunch(128, 256, 64, 8, 8, 4)
+    if group_k is not None:
+        g1 = replace(g1, block_k=min(g1.block_k, _prev_pow2(group_k)))
+        g2 = replace(g2, block_k=min(g2.block_k, _prev_pow2(group_k)))
+    return LaunchConfig(g1, g2, routing=routing, persistent=False, source="heuristic")
+
+
+def _prev_pow2(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def _smem_estimate(g: GemmLaunch, a_bytes: int, b_bytes: int, gated: bool, stages: int) -> int:
+    # sm90 compiles allocate one A + B tile per stage (wgmma) or per stage but one (mma.sync); the
+    # epilogue reuses the pipeline's buffers.
+    per_stage = g.block_m * g.block_k * a_bytes + (2 if gated else 1) * g.block_k * g.block_n * b_bytes
+    return stages * per_stage
+
+
+def fit_stages(g: GemmLaunch, a_bytes: int, b_bytes: int, gated: bool, smem_limit: int) -> GemmLaunch:
+    """Fewer pipeline stages when the requested ones cannot fit in shared memory."""
+    stages = g.num_stages
+    while stages > 1 and _smem_estimate(g, a_bytes, b_bytes, gated, stages) > smem_limit:
+        stages -= 1
+    return g if stages == g.num_stages else replace(g, num_stages=stages)
+
+
+def get_launch_config(
+    m: int,
+    *,
+    num_local: int,
+    num_global: int,
+    n: int,
+    k: int,
+    top_k: int,
+    dtype: torch.dtype,
+    quant: QuantConfig,
+    device: torch.device | str,
+    batched: bool = False,
+) -> LaunchConfig:
+    """The launch config for ``m`` tokens: forced by ``$MOE_PLUGIN_TRITON_CONFIG``, else the nearest M of a
+    tuned file for this device and shape, else ``heuristic_config``.
+
+    ``batched``: ``m`` is the rows per expert of the ``[E, T, K]`` layout, looked up in the files tagged
+    ``,layout=batched``.
+    """
+    forced = os.environ.get(FORCE_CONFIG_ENV)
+    if forced:
+        try:
+            return LaunchConfig.from_dict(json.loads(forced), source=FORCE_CONFIG_ENV)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{FORCE_CONFIG_ENV} must hold one launch config as JSON: {exc}") from None
+    info = device_info(str(torch.device(device)))
+    name = config_file_name(num_local, n, info.name, dtype_tag(dtype, quant), quant.block_shape, batched=batched)
+    cfg = lookup_config_file(name, m)
+    group_k = quant.block_shape[1] if quant.block_shape is not None else None
+    if cfg is None and batched:
+        cfg = heuristic_for_rows(float(m), num_local, n, k, fp8=quant.is_quantized, num_sms=info.num_sms, group_k=group_k)
+    elif cfg is None:
+        cfg = heuristic_config(
+            m,
+            num_local,
+            num_global,
+            n,
+            k,
+            top_k,
+            fp8=quant.is_quantized,
+            num_sms=info.num_sms,
+            group_k=group_k,
+        )
+    logger.debug("moe_plugin triton experts: M=%d E=%d N=%d -> %s (%s)", m, num_local, n, cfg.to_dict(), cfg.source)
+    return cfg
+
+
+# ====================================================================================================
+# kernels
+
+if tl is not None:
+
+    @kernel
+    def _dot(a, b, acc, INTERPRET: tl.constexpr, DOT_IEEE: tl.constexpr):
+        # The interpreter's dot is wrong for bf16 operands (triton 3.9), so it runs on fp32 copies there
+        # (also for fp16 / fp8, which costs nothing there and keeps one interpreter path).
+        if INTERPRET:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if DOT_IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        return acc
+
+    @kernel
+    def _activate(g, u, alpha, limit, ACT: tl.constexpr):
+        if ACT == "silu":
+            out = g * tl.sigmoid(g) * u
+        elif ACT == "gelu":
+            out = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
+        elif ACT == "swiglu":
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            out = g * tl.sigmoid(alpha * g) * (u + 1.0)
+        elif ACT == "relu2":
+            r = tl.maximum(g, 0.0)
+            out = r * r
+        else:
+            out = g
+        return out
+
+    @kernel
+    def _tile_coords(t, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        # Grouped raster: GROUP_M consecutive row blocks sweep the columns together, so one expert's
+        # weight tile is read by all of its row blocks while it is still in L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = t // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((t % num_pid_in_group) % group_size_m)
+        pid_n = (t % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @kernel
+    def _slot_rows(
+        slot_ids_ptr,
+        expert_map_ptr,
+        s,
+        n_slots,
+        num_experts,
+        HAS_MAP: tl.constexpr,
+        BLOCK_SLOTS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+    ):
+        offs = tl.arange(0, BLOCK_SLOTS)
+        ids = tl.load(slot_ids_ptr + offs, mask=offs < n_slots, other=-1)
+        if HAS_MAP:
+            loc = tl.load(expert_map_ptr + ids, mask=ids >= 0, other=-1)
+        else:
+            loc = ids
+        loc = tl.where((loc >= 0) & (loc < num_experts), loc, -1)
+        # Slots past n_slots loaded as -1, so a program past the end finds no expert.
+        e = tl.sum(tl.where(offs == s, loc, 0), axis=0)
+        match = (loc == e) & (e >= 0)
+        rank = tl.cumsum(match.to(tl.int32), axis=0) - 1
+        my_rank = tl.sum((match & (offs < s)).to(tl.int32), axis=0)
+        leader = (e >= 0) & (my_rank % BLOCK_M == 0)
+        want = my_rank + tl.arange(0, BLOCK_M)
+        sel = match[None, :] & (rank[None, :] == want[:, None])
+        rows = tl.sum(tl.where(sel, offs[None, :], 0), axis=1)
+        row_mask = tl.sum(sel.to(tl.int32), axis=1) > 0
+        expert = tl.where(leader, e, -1)
+        return expert, rows, row_mask
+
+    @kernel
+    def _moe_gemm_kernel(
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        a_scale_ptr,
+        b_scale_ptr,
+        c_scale_ptr,
+        topk_weights_ptr,
+        sorted_ids_ptr,
+        block_expert_ptr,
+        ntpp_ptr,
+        slot_ids_ptr,
+        expert_map_ptr,
+        expert_num_tokens_ptr,
+        valid_ptr,
+        N,
+        K,
+        num_slots,
+        max_tokens,
+        slots_per_token,
+        num_experts,
+        m_blocks_per_expert,
+        k_per_split,
+        stride_ae,
+        stride_am,
+        stride_ak,
+        stride_be,
+        stride_bn,
+        stride_bk,
+        stride_ce,
+        stride_cm,
+        stride_cn,
+        stride_cs,
+        stride_ase,
+        stride_asm,
+        stride_ask,
+        stride_bse,
+        stride_bsn,
+        stride_bsk,
+        stride_cse,
+        stride_csm,
+        stride_csk,
+        swiglu_alpha,
+        swiglu_limit,
+        ROUTE: tl.constexpr,
+        HAS_MAP: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        BLOCK_SLOTS: tl.constexpr,
+        A_ROW_DIV: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr,
+        ACT: tl.constexpr,
+        GATED: tl.constexpr,
+        QUANT: tl.constexpr,
+        GROUP_N: tl.constexpr,
+        GROUP_K: tl.constexpr,
+        OUT_QUANT: tl.constexpr,
+        OUT_GROUP: tl.constexpr,
+        QUANT_A: tl.constexpr,
+        UE8M0: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        INTERPRET: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        if ROUTE == "sorted":
+            num_pid_m = tl.cdiv(tl.load(ntpp_ptr), BLOCK_M)
+        elif ROUTE == "slot":
+            if HAS_VALID:
+                v = tl.load(valid_ptr).to(tl.int32)
+                num_pid_m = tl.minimum(tl.maximum(v, 0), max_tokens) * slots_per_token
+            else:
+                num_pid_m = num_slots
+        else:
+            num_pid_m = num_experts * m_blocks_per_expert
+        total = num_pid_m * num_pid_n * SPLIT_K
+
+        for tile in range(pid, total, nprog):
+            split = tile % SPLIT_K
+            pid_m, pid_n = _tile_coords(tile // SPLIT_K, num_pid_m, num_pid_n, GROUP_M)
+
+            if ROUTE == "sorted":
+                expert = tl.load(block_expert_ptr + pid_m)
+                rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+                row_mask = rows < num_slots
+            elif ROUTE == "slot":
+                expert, rows, row_mask = _slot_rows(
+                    slot_ids_ptr, expert_map_ptr, pid_m, num_pid_m, num_experts, HAS_MAP, BLOCK_SLOTS, BLOCK_M
+                )
+            else:
+                e_b = pid_m // m_blocks_per_expert
+                first_row = (pid_m % m_blocks_per_expert) * BLOCK_M
+                count = tl.minimum(tl.load(expert_num_tokens_ptr + e_b), max_tokens)
+                rows = first_row + tl.arange(0, BLOCK_M)
+                row_mask = rows < count
+                expert = tl.where(first_row < count, e_b, -1)
+
+            if (expert >= 0) & (expert < num_experts):
+                e64 = expert.to(tl.int64)
+                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+                # Wrapping the column index keeps every weight load in bounds without a mask; the
+                # wrapped columns are computed and then not stored.
+                offs_bn = offs_n % N
+                offs_k = tl.arange(0, BLOCK_K)
+                a_rows = (rows // A_ROW_DIV).to(tl.int64)
+                if SPLIT_K > 1:
+                    k_lo = split * k_per_split
+                    k_hi = tl.minimum(K, k_lo + k_per_split)
+                else:
+                    k_lo = 0
+                    k_hi = K
+                a_ptrs = a_ptr + e64 * stride_ae + a_rows[:, None] * stride_am + (k_lo + offs_k)[None, :] * stride_ak
+                b_ptrs = b_ptr + e64 * stride_be + offs_bn[None, :] * stride_bn + (k_lo + offs_k)[:, None] * stride_bk
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if GATED:
+                    b_up_ptrs = b_ptrs + N * stride_bn
+                    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                else:
+                    b_up_ptrs = b_ptrs
+                    acc_up = acc
+                if QUANT == "block":
+                    a_s_ptrs = a_scale_ptr + e64 * stride_ase + a_rows * stride_asm
+                    b_s_ptrs = b_scale_ptr + e64 * stride_bse + (offs_bn // GROUP_N) * stride_bsn
+                    b_s_up_ptrs = b_scale_ptr + e64 * stride_bse + ((offs_bn + N) // GROUP_N) * stride_bsn
+
+                for kk in range(k_lo, k_hi, BLOCK_K):
+                    if EVEN_K:
+                        a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+                        b = tl.load(b_ptrs)
+                        if GATED:
+                            b_up = tl.load(b_up_ptrs)
+                    else:
+                        k_mask = offs_k < k_hi - kk
+                        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                        b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+                        if GATED:
+                            b_up = tl.load(b_up_ptrs, mask=k_mask[:, None], other=0.0)
+                    if QUANT == "block":
+                        kg = kk // GROUP_K
+                        if QUANT_A:
+                            # Model-dtype A quantized per row per group on load (BLOCK_K == GROUP_K), as
+                            # ops.quant.per_token_group_quant_fp8 would: no separate pass, no FP8 copy.
+                            af = a.to(tl.float32)
+                            a_s = tl.maximum(tl.max(tl.abs(af), axis=1), 1e-10) / 448.0
+                            if UE8M0:
+                                a_s = tl.exp2(tl.ceil(tl.log2(a_s)))
+                            aq = tl.minimum(tl.maximum(af / a_s[:, None], -448.0), 448.0)
+                            a = cast_for_store(aq, b.dtype, INTERPRET)
+                        else:
+                            a_s = tl.load(a_s_ptrs + kg * stride_ask, mask=row_mask, other=0.0)
+                        b_s = tl.load(b_s_ptrs + kg * stride_bsk)
+                        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                        acc += _dot(a, b, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s[None, :]
+                        if GATED:
+                            b_s_up = tl.load(b_s_up_ptrs + kg * stride_bsk)
+                            acc_up += _dot(a, b_up, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s_up[None, :]
+                    else:
+                        acc = _dot(a, b, acc, INTERPRET, DOT_IEEE)
+                        if GATED:
+                            acc_up = _dot(a, b_up, acc_up, INTERPRET, DOT_IEEE)
+                    a_ptrs += BLOCK_K * stride_ak
+                    b_ptrs += BLOCK_K * stride_bk
+                    if GATED:
+                        b_up_ptrs += BLOCK_K * stride_bk
+
+                if QUANT == "rowcol":
+                    # Per-tensor scales arrive with zero strides, per-token / per-channel with real ones.
+                    a_s = tl.load(a_scale_ptr + e64 * stride_ase + a_rows * stride_asm, mask=row_mask, other=0.0)
+                    b_s = tl.load(b_scale_ptr + e64 * stride_bse + offs_bn * stride_bsn)
+                    acc = acc * a_s[:, None] * b_s[None, :]
+                    if GATED:
+                        b_s_up = tl.load(b_scale_ptr + e64 * stride_bse + (offs_bn + N) * stride_bsn)
+                        acc_up = acc_up * a_s[:, None] * b_s_up[None, :]
+
+                out = _activate(acc, acc_up, swiglu_alpha, swiglu_limit, ACT)
+                if MUL_ROUTED_WEIGHT:
+                    w = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0)
+                    out = out * w[:, None]
+
+                c_rows = rows.to(tl.int64)
+                c_base = c_ptr + e64 * stride_ce + split * stride_cs
+                c_ptrs = c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                c_mask = row_mask[:, None] & (offs_n[None, :] < N)
+                if OUT_QUANT:
+                    # Per token per OUT_GROUP columns, as ops.quant.per_token_group_quant_fp8 does.
+                    x = tl.where(offs_n[None, :] < N, out, 0.0)
+                    xg = tl.reshape(x, (BLOCK_M, BLOCK_N // OUT_GROUP, OUT_GROUP))
+                    amax = tl.max(tl.abs(xg), axis=2)
+                    scale = tl.maximum(amax, 1e-10) / 448.0
+                    if UE8M0:
+                        scale = tl.exp2(tl.ceil(tl.log2(scale)))
+                    q = xg / scale[:, :, None]
+                    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+                    q = tl.reshape(q, (BLOCK_M, BLOCK_N))
+                    tl.store(c_ptrs, cast_for_store(q, c_ptr.dtype.element_ty, INTERPRET), mask=c_mask)
+                    groups = pid_n * (BLOCK_N // OUT_GROUP) + tl.arange(0, BLOCK_N // OUT_GROUP)
+                    s_ptrs = c_scale_ptr + e64 * stride_cse + c_rows[:, None] * stride_csm + groups[None, :] * stride_csk
+                    tl.store(s_ptrs, scale, mask=row_mask[:, None] & (groups[None, :] * OUT_GROUP < N))
+                else:
+                    tl.store(c_ptrs, cast_for_store(out, c_ptr.dtype.element_ty, INTERPRET), mask=c_mask)
+
+    @kernel
+    def _moe_reduce_kernel(
+        y_ptr,
+        out_ptr,
+        topk_ids_ptr,
+        expert_map_ptr,
+        valid_ptr,
+        num_tokens,
+        K,
+        num_experts,
+        stride_ys,
+        stride_ym,
+        stride_yk,
+        stride_om,
+        stride_ok,
+        TOP_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        HAS_MAP: tl.constexpr,
+        HAS_VALID: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        # Sum over the top-k slots (and split-K partials) of each token; remote slots were never
+        # computed, so they are skipped here instead of being zero-filled by the GEMMs.
+        pid_t = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        n_tok = num_tokens
+        if HAS_VALID:
+            n_tok = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 0), num_tokens)
+        toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = toks < n_tok
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_mask = cols < K
+        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for j in tl.static_range(TOP_K):
+            slot = toks.to(tl.int64) * TOP_K + j
+            e = tl.load(topk_ids_ptr + slot, mask=t_mask, other=-1)
+            if HAS_MAP:
+                e = tl.load(expert_map_ptr + e, mask=t_mask & (e >= 0), other=-1)
+            ok = t_mask & (e >= 0) & (e < num_experts)
+            for sp in tl.static_range(SPLIT_K):
+                y = tl.load(
+                    y_ptr + sp * stride_ys + slot[:, None] * stride_ym + cols[None, :] * stride_yk,
+                    mask=ok[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                acc += y.to(tl.float32)
+        tl.store(
+            out_ptr + toks.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_ok,
+            cast_for_store(acc, out_ptr.dtype.element_ty, INTERPRET),
+            mask=t_mask[:, None] & k_mask[None, :],
+        )
+
+
+# ====================================================================================================
+# launching one GEMM
+
+
+@dataclass
+class Routing:
+    """Where each tile's rows come from (see the module docstring for the three modes)."""
+
+    mode: str
+    num_slots: int
+    """Static number of routed slots (``M * top_k``); rows per expert ``T`` for ``batched``."""
+    max_tokens: int
+    """Tokens the slot buffers were sized for (clamps a device-side valid count)."""
+    top_k: int
+    num_experts: int
+    """Local experts (rows of w1)."""
+    grid_m: int
+    """Row blocks the launch grid covers; programs stride over any beyond it."""
+    sorted_ids: torch.Tensor | None = None
+    block_expert: torch.Tensor | None = None
+    ntpp: torch.Tensor | None = None
+    slot_ids: torch.Tensor | None = None
+    expert_map: torch.Tensor | None = None
+    expert_num_tokens: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+_FITTED_STAGES: dict[tuple, int] = {}
+"""Stage counts that had to be lowered at launch (shared memory the estimate missed)."""
+
+
+def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
+    """(expert, row, col) strides of a 2-D (expert stride 0) or 3-D tensor."""
+    if t.dim() == 3:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(0), t.stride(1)
+
+
+def _weight_scale_strides(scale: torch.Tensor | None, quant_mode: str) -> tuple[int, int, int]:
+    """(expert, row, k-group) strides of a weight scale; per-tensor scales get a zero row stride."""
+    if scale is None:
+        return 0, 0, 0
+    if quant_mode == "block":
+        return scale.stride(0), scale.stride(1), scale.stride(2)
+    if scale.dim() == 1 or scale[0].numel() == 1:
+        return scale.stride(0), 0, 0
+    return scale.stride(0), scale.stride(1), 0
+
+
+def _act_scale_strides(scale: torch.Tensor | None, quant_mode: str) -> tuple[int, int, int]:
+    """(expert, row, k-group) strides of an activation scale (``numel() == 1``: per tensor)."""
+    if scale is None or scale.numel() == 1:
+        return 0, 0, 0
+    if scale.dim() == 3:
+        return scale.stride(0), scale.stride(1), scale.stride(2) if quant_mode == "block" else 0
+    if scale.dim() == 2:
+        return 0, scale.stride(0), scale.stride(1) if quant_mode == "block" else 0
+    return 0, scale.stride(0), 0
+
+
+def invoke_moe_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    routing: Routing,
+    gemm: GemmLaunch,
+    *,
+    a_row_div: int,
+    activation: str = "none",
+    quant_mode: str = "none",
+    a_scale: torch.Tensor | None = None,
+    b_scale: torch.Tensor | None = None,
+    block_shape: tuple[int, int] | None = None,
+    c_scale: torch.Tensor | None = None,
+    out_group: int = 128,
+    quant_a: bool = False,
+    ue8m0: bool = False,
+    topk_weights: torch.Tensor | None = None,
+    persistent: bool = False,
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> None:
+    """Launch ``_moe_gemm_kernel`` once: ``c[rows] = act(a[rows] @ b[e].T)`` over ``routing``'s tiles.
+
+    ``c`` is ``[S, n_out]`` (or ``[split_k, S, n_out]`` fp32 partials, or ``[E, T, n_out]`` batched);
+    ``a`` is ``[M, K]`` read at row ``slot // a_row_div`` (or ``[E, T, K]`` batched). ``c_scale`` set means
+    FP8 output with fused per-group quantization (``c`` is float8). ``quant_a`` (block FP8 only): ``a`` is in
+    the model dtype and is quantized per row per ``block_shape[1]`` columns as it is loaded.
+    """
+    gated = is_gated(activation)
+    k_dim = a.shape[-1]
+    n_out = b.shape[1] // 2 if gated else b.shape[1]
+    if b.shape[2] != k_dim:
+        raise ValueError(f"weight {tuple(b.shape)} does not match the activations' K={k_dim}")
+    split_k = gemm.split_k
+    if split_k > 1:
+        if c.dim() != 3 or c.shape[0] != split_k or c.dtype != torch.float32:
+            raise ValueError(f"split_k={split_k} needs an fp32 partial buffer [split_k, S, N], got {tuple(c.shape)} {c.dtype}")
+    bk = gemm.block_k
+    group_n, group_k = block_shape if block_shape is not None else (1, 1)
+    if quant_mode == "block" and (bk > group_k or group_k % bk):
+        raise ValueError(f"block_k={bk} must divide the quantization group {group_k}")
+    if quant_a and (quant_mode != "block" or bk != group_k):
+        raise ValueError(f"quantizing A on load needs block scales and block_k == group ({group_k}), got {bk}")
+    k_per_split = _cdiv(_cdiv(k_dim, split_k), bk) * bk
+    split_k = max(1, _cdiv(k_dim, k_per_split)) if split_k > 1 else 1
+    if split_k != gemm.split_k:
+        # Every split must own work, or its partial rows would stay unwritten; zero the spares.
+        c[split_k:].zero_()
+
+    num_pid_n = _cdiv(n_out, gemm.block_n)
+    tiles = routing.grid_m * num_pid_n * split_k
+    if tiles == 0:
+        return
+    info = device_info(str(a.device))
+    grid = (min(tiles, 2 * info.num_sms) if persistent else tiles,)
+
+    batched = routing.mode == "batched"
+    ae, am, ak = _strides3(a)
+    be, bn_, bk_ = b.stride(0), b.stride(1), b.stride(2)
+    if batched:
+        (ce, cm, cn), cs = c.stride(), 0
+    elif c.dim() == 3:  # split-K partials [split_k, S, n_out]
+        (cs, cm, cn), ce = c.stride(), 0
+    else:
+        (cm, cn), ce, cs = c.stride(), 0, 0
+    ase, asm, ask = _act_scale_strides(a_scale, quant_mode)
+    bse, bsn, bsk = _weight_scale_strides(b_scale, quant_mode)
+    if c_scale is None:
+        cse, csm, csk = 0, 0, 0
+    elif c_scale.dim() == 3:
+        cse, csm, csk = c_scale.stride(0), c_scale.stride(1), c_scale.stride(2)
+    else:
+        cse, csm, csk = 0, c_scale.stride(0), c_scale.stride(1)
+
+    dummy = routing.ntpp if routing.ntpp is not None else (
+        routing.slot_ids if routing.slot_ids is not None else routing.expert_num_tokens
+    )
+    # Interpreter workarounds (dots on fp32 copies, round-to-nearest-even casts); GPU launches skip them.
+    interpreting = a.device.type == "cpu"
+    dot_ieee = a.dtype == torch.float32 and not interpreting
+    even_k = k_dim % bk == 0 and (split_k == 1 or k_per_split % bk == 0)
+    block_slots = max(16, _next_pow2(routing.num_slots)) if routing.mode == "slot" else 16
+
+    launch = fit_stages(gemm, a.element_size(), b.element_size(), gated, info.smem_bytes - 2048)
+
+    args = (
+        a,
+        b,
+        c,
+        a_scale if a_scale is not None else dummy,
+        b_scale if b_scale is not None else dummy,
+        c_scale if c_scale is not None else dummy,
+        topk_weights if topk_weights is not None else dummy,
+        routing.sorted_ids if routing.sorted_ids is not None else dummy,
+        routing.block_expert if routing.block_expert is not None else dummy,
+        routing.ntpp if routing.ntpp is not None else dummy,
+        routing.slot_ids if routing.slot_ids is not None else dummy,
+        routing.expert_map if routing.expert_map is not None else dummy,
+        routing.expert_num_tokens if routing.expert_num_tokens is not None else dummy,
+        routing.valid if routing.valid is not None else dummy,
+        n_out,
+        k_dim,
+        routing.num_slots,
+        routing.max_tokens,
+        routing.top_k,
+        routing.num_experts,
+        _cdiv(routing.num_slots, gemm.block_m) if batched else 1,
+        k_per_split,
+        ae, am, ak,
+        be, bn_, bk_,
+        ce, cm, cn, cs,
+        ase, asm, ask,
+        bse, bsn, bsk,
+        cse, csm, csk,
+        float(swiglu_alpha),
+        float(swiglu_limit),
+    )
+    constexprs = dict(
+        ROUTE=routing.mode,
+        HAS_MAP=routing.expert_map is not None,
+        HAS_VALID=routing.valid is not None,
+        BLOCK_SLOTS=block_slots,
+        A_ROW_DIV=a_row_div,
+        MUL_ROUTED_WEIGHT=topk_weights is not None,
+        ACT=activation,
+        GATED=gated,
+        QUANT=quant_mode,
+        GROUP_N=group_n,
+        GROUP_K=group_k,
+        OUT_QUANT=c_scale is not None,
+        OUT_GROUP=out_group,
+        QUANT_A=quant_a,
+        UE8M0=ue8m0,
+        EVEN_K=even_k,
+        SPLIT_K=split_k,
+        INTERPRET=interpreting,
+        DOT_IEEE=dot_ieee,
+        BLOCK_M=gemm.block_m,
+        BLOCK_N=gemm.block_n,
+        BLOCK_K=bk,
+        GROUP_M=gemm.group_m,
+    )
+    key = (launch, activation, quant_mode, a.dtype, b.dtype, c.dtype, c_scale is not None, quant_a, str(a.device))
+    stages = _FITTED_STAGES.get(key, launch.num_stages)
+    while True:
+        try:
+            _moe_gemm_kernel[grid](*args, **constexprs, num_warps=launch.num_warps, num_stages=stages)
+            break
+        except Exception as exc:  # triton raises OutOfResources (shared memory / registers) at launch
+            if type(exc).__name__ != "OutOfResources" or stages <= 1:
+                raise
+            logger.warning("moe_plugin triton experts: %s does not fit (%s); retrying with %d stages", launch, exc, stages - 1)
+            stages -= 1
+    _FITTED_STAGES[key] = stages
+
+
+def moe_reduce(
+    y: torch.Tensor,
+    out: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    expert_map: torch.Tensor | None,
+    num_experts: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j y[t * k + j]`` over the slots whose expert is local (fp32 accumulation).
+
+    ``y`` is ``[S, K]`` or ``[split_k, S, K]`` (partials, summed too). With ``valid`` (device scalar)
+    only the first ``valid`` rows of ``out`` are written.
+    """
+    m, top_k = topk_ids.shape
+    k_dim = out.shape[-1]
+    if m == 0 or k_dim == 0:
+        return out
+    if y.dim() == 2:
+        y3 = y.unsqueeze(0)
+    else:
+        y3 = y
+    block_k = min(_next_pow2(k_dim), 1024)
+    block_t = max(2, min(_next_pow2(m), 4096 // block_k, 16))
+    grid = (_cdiv(m, block_t), _cdiv(k_dim, block_k))
+    dummy = topk_ids
+    _moe_reduce_kernel[grid](
+        y3,
+        out,
+        topk_ids,
+        expert_map if expert_map is not None else dummy,
+        valid if valid is not None else dummy,
+        m,
+        k_dim,
+        num_experts,
+        y3.stride(0),
+        y3.stride(1),
+        y3.stride(2),
+        out.stride(0),
+        out.stride(1),
+        TOP_K=top_k,
+        SPLIT_K=y3.shape[0],
+        HAS_MAP=expert_map is not None,
+        HAS_VALID=valid is not None,
+        BLOCK_T=block_t,
+        BLOCK_K=block_k,
+        INTERPRET=out.device.type == "cpu",
+        num_warps=4,
+    )
+    return out
+
+
+# ====================================================================================================
+# the experts pipelines
+
+
+def _quant_mode(quant: QuantConfig) -> str:
+    if not quant.is_quantized:
+        return "none"
+    return "block" if quant.block_shape is not None else "rowcol"
+
+
+def _check_runnable(t: torch.Tensor) -> None:
+    if not triton_available():
+        raise RuntimeError("the Triton experts need triton installed")
+    if not use_triton(t):
+        raise RuntimeError(
+            f"the Triton experts run on CUDA tensors, or on CPU under TRITON_INTERPRET=1; got a {t.device} tensor"
+        )
+
+
+def _bytes_view(buf: torch.Tensor | None, nbytes: int, device: torch.device) -> torch.Tensor:
+    """A uint8 view of ``buf`` with at least ``nbytes`` (a fresh buffer when ``buf`` is absent or short)."""
+    if buf is not None and buf.is_contiguous() and buf.numel() * buf.element_size() >= nbytes and buf.device == device:
+        return buf.view(-1).view(torch.uint8)[:nbytes]
+    return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def _carve(raw: torch.Tensor, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    start = _cdiv(offset, 256) * 256
+    nbytes = math.prod(shape) * itemsize
+    view = raw[start : start + nbytes].view(dtype).view(shape)
+    return view, start + nbytes
+
+
+def intermediate_bytes(rows: int, n: int, model_dtype: torch.dtype, quant: QuantConfig, fused_quant: bool) -> int:
+    """Bytes of the activation buffer between the GEMMs (FP8 plus scales when quantized in the epilogue)."""
+    if fused_quant:
+        groups = _cdiv(n, quant.block_shape[1])
+        return rows * n + rows * groups * 4 + 512
+    return rows * n * torch.empty((), dtype=model_dtype).element_size() + 256
+
+
+def _fuses_out_quant(quant: QuantConfig, gemm1: GemmLaunch) -> bool:
+    return quant.is_fp8_block and gemm1.block_n % quant.block_shape[1] == 0
+
+
+def resolve_routing_mode(cfg: LaunchConfig, slots: int) -> str:
+    if slots > SLOT_ROUTING_MAX_SLOTS:
+        return "sorted"
+    if cfg.routing == "auto":
+        return "slot" if slots <= 64 else "sorted"
+    return cfg.routing
+
+
+def experts_standard(
+    out: torch.Tensor,
+    a1q: torch.Tensor,
+    a1q_scale: torch.Tensor | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str,
+    quant: QuantConfig,
+    w1_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    a2_scale: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    global_num_experts: int,
+    mul_routed_weight: bool,
+    config: LaunchConfig | None = None,
+    valid_tokens: torch.Tensor | None = None,
+    num_tokens_hint: int | None = None,
+    workspace13: torch.Tensor | None = None,
+    workspace2: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Standard-format experts on prepared activations; writes ``out [M, K]``.
+
+    ``a1q`` is FP8 with ``a1q_scale`` when ``quant`` says so, or still in the model dtype: then it is
+    quantized here (``a1_scale``: static per-tensor scale), by GEMM1 itself as it loads its input when the
+    tiles are decode-sized and the scales are per block. ``topk_ids`` must be int32 with global ids (-1
+    allowed: dropped slot); ``topk_weights`` fp32. No argument validation here (the callers validate);
+    see ``fused_experts_triton`` for the public form.
+    """
+    m, top_k = topk_ids.shape
+    k_dim = a1q.shape[1]
+    num_local = w1.shape[0]
+    n_inter = w2.shape[2]
+    if m == 0:
+        return out
+    device = a1q.device
+    slots = m * top_k
+    hint = m if num_tokens_hint is None else max(1, min(int(num_tokens_hint), m))
+    if config is None:
+        config = get_launch_config(
+            hint,
+            num_local=num_local,
+            num_global=global_num_experts,
+            n=n_inter,
+            k=k_dim,
+            top_k=top_k,
+            dtype=out.dtype,
+            quant=quant,
+            device=device,
+        )
+    g1, g2 = config.gemm1, config.gemm2
+    if quant.is_fp8_block:
+        gk = quant.block_shape[1]
+        if g1.block_k > gk or g2.block_k > gk:
+            g1 = replace(g1, block_k=min(g1.block_k, gk))
+            g2 = replace(g2, block_k=min(g2.block_k, gk))
+    bm = g1.block_m
+    topk_ids = topk_ids.to(torch.int32).contiguous()
+    ids = topk_ids.view(-1)
+    emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
+
+    mode = resolve_routing_mode(config, slots)
+    if mode == "slot":
+        grid_m = min(slots, hint * top_k)
+        routing = Routing(
+            "slot", slots, m, top_k, num_local, grid_m, slot_ids=ids, expert_map=emap, valid=valid_tokens
+        )
+    else:
+        from .align import SlotSortOutputs, align_buffer_sizes, sort_slots_triton
+
+        sorted_len, n_blocks = align_buffer_sizes(slots, bm, num_local)
+        sort_out = SlotSortOutputs(
+            sorted_ids=torch.empty((sorted_len,), dtype=torch.int32, device=device),
+            sentinel=slots,
+            block_keys=torch.empty((n_blocks,), dtype=torch.int32, device=device),
+            block_tail=-1,
+            num_tokens_post_padded=torch.empty((1,), dtype=torch.int32, device=device),
+        )
+        sort_slots_triton(ids, top_k, num_local, bm, sort_out, key_map=emap, valid_tokens=valid_tokens)
+        if num_tokens_hint is not None:
+            local = hint * top_k * num_local / global_num_experts
+            active = expected_active_experts(hint, top_k, num_local, global_num_experts)
+            grid_m = min(n_blocks, max(1, int(math.ceil(1.25 * (local / bm + active)))))
+        else:
+            grid_m = n_blocks
+        routing = Routing(
+            "sorted",
+            slots,
+            m,
+            top_k,
+            num_local,
+            grid_m,
+            sorted_ids=sort_out.sorted_ids,
+            block_expert=sort_out.block_keys,
+            ntpp=sort_out.num_tokens_post_padded,
+            valid=valid_tokens,
+        )
+
+    qmode = _quant_mode(quant)
+    quant_a1 = False
+    if quant.is_quantized and a1q.dtype != FP8_DTYPE:
+        if quant.is_fp8_block and bm <= 32:
+            # Decode sizes are memory-bound: quantizing in GEMM1's loads saves a launch and a pass.
+            quant_a1 = True
+            g1 = replace(g1, block_k=quant.block_shape[1])
+            a1q_scale = None
+        else:
+            from .scheme import quantize_activation
+
+            a1q, a1q_scale = quantize_activation(a1q, quant, a1_scale)
+    fused_q = _fuses_out_quant(quant, g1)
+    raw2 = _bytes_view(workspace2, intermediate_bytes(slots, n_inter, out.dtype, quant, fused_q), device)
+    if fused_q:
+        a2, off = _carve(raw2, 0, (slots, n_inter), FP8_DTYPE)
+        a2_s, _ = _carve(raw2, off, (slots, _cdiv(n_inter, quant.block_shape[1])), torch.float32)
+    else:
+        a2, _ = _carve(raw2, 0, (slots, n_inter), out.dtype)
+        a2_s = None
+
+    invoke_moe_gemm(
+        a1q,
+        w1,
+        a2,
+        routing,
+        g1,
+        a_row_div=top_k,
+        activation=activation,
+        quant_mode=qmode,
+        a_scale=a1q_scale,
+        b_scale=w1_scale,
+        block_shape=quant.block_shape,
+        c_scale=a2_s,
+        out_group=quant.block_shape[1] if quant.block_shape is not None else 128,
+        quant_a=quant_a1,
+        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        persistent=config.persistent,
+    )
+    quant_a = quant.is_fp8_block and not fused_q
+    if quant_a:
+        g2 = replace(g2, block_k=quant.block_shape[1])
+    elif quant.is_quantized and not fused_q:
+        from .scheme import quantize_activation
+
+        a2, a2_s = quantize_activation(a2, quant, a2_scale)
+
+    if g2.split_k > 1:
+        y = torch.empty((g2.split_k, slots, k_dim), dtype=torch.float32, device=device)
+    else:
+        raw13 = _bytes_view(workspace13, slots * k_dim * out.element_size(), device)
+        y, _ = _carve(raw13, 0, (slots, k_dim), out.dtype)
+    invoke_moe_gemm(
+        a2,
+        w2,
+        y,
+        routing,
+        g2,
+        a_row_div=1,
+        activation="none",
+        quant_mode=qmode,
+        a_scale=a2_s,
+        b_scale=w2_scale,
+        block_shape=quant.block_shape,
+        quant_a=quant_a,
+        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        topk_weights=topk_weights.reshape(-1).contiguous() if mul_routed_weight else None,
+        persistent=config.persistent,
+    )
+    moe_reduce(y, out, topk_ids, expert_map=emap, num_experts=num_local, valid=valid_tokens)
+    return out
+
+
+def experts_batched(
+    out: torch.Tensor,
+    a1q: torch.Tensor,
+    a1q_scale: torch.Tensor | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    expert_num_tokens: torch.Tensor,
+    *,
+    activation: str,
+    quant: QuantConfig,
+    w1_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    a2_scale: torch.Tensor | None,
+    config: LaunchConfig | None = None,
+    rows_hint: int | None = None,
+    workspace2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batched-format experts: ``out[e, :n_e] = w2[e] act(w1[e] a1q[e, :n_e])`` with ``n_e =
+    expert_num_tokens[e]`` read on the device; rows past ``n_e`` are neither read nor written."""
+    num_local, t_rows, k_dim = a1q.shape
+    n_inter = w2.shape[2]
+    if t_rows == 0 or num_local == 0:
+        return out
+    device = a1q.device
+    rows = t_rows if rows_hint is None else max(1, min(int(rows_hint), t_rows))
+    if config is None:
+        config = get_launch_config(
+            rows,
+            num_local=num_local,
+            num_global=num_local,
+            n=n_inter,
+            k=k_dim,
+            top_k=1,
+            dtype=out.dtype,
+            quant=quant,
+            device=device,
+            batched=True,
+        )
+    g1, g2 = config.gemm1, config.gemm2
+    if quant.is_fp8_block:
+        gk = quant.block_shape[1]
+        g1 = replace(g1, block_k=min(g1.block_k, gk))
+        g2 = replace(g2, block_k=min(g2.block_k, gk))
+    if g2.split_k != 1:
+        g2 = replace(g2, split_k=1)
+    counts = expert_num_tokens.to(torch.int32).contiguous()
+    routing = Routing(
+        "batched",
+        t_rows,
+        t_rows,
+        1,
+        num_local,
+        num_local * _cdiv(rows, g1.block_m),
+        expert_num_tokens=counts,
+    )
+    qmode = _quant_mode(quant)
+    fused_q = _fuses_out_quant(quant, g1)
+    total_rows = num_local * t_rows
+    raw2 = _bytes_view(workspace2, intermediate_bytes(total_rows, n_inter, out.dtype, quant, fused_q), device)
+    if fused_q:
+        a2, off = _carve(raw2, 0, (num_local, t_rows, n_inter), FP8_DTYPE)
+        a2_s, _ = _carve(raw2, off, (num_local, t_rows, _cdiv(n_inter, quant.block_shape[1])), torch.float32)
+    else:
+        a2, _ = _carve(raw2, 0, (num_local, t_rows, n_inter), out.dtype)
+        a2_s = None
+        if quant.is_quantized and quant.block_shape is None and not quant.per_act_token and a2_scale is None:
+            # A dynamic per-tensor scale reads every row: rows past the counts must not hold garbage.
+            a2.zero_()
+    invoke_moe_gemm(
+        a1q,
+        w1,
+        a2,
+        routing,
+        g1,
+        a_row_div=1,
+        activation=activation,
+        quant_mode=qmode,
+        a_scale=a1q_scale,
+        b_scale=w1_scale,
+        block_shape=quant.block_shape,
+        c_scale=a2_s,
+        out_group=quant.block_shape[1] if quant.block_shape is not None else 128,
+        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        persistent=config.persistent,
+    )
+    quant_a = quant.is_fp8_block and not fused_q
+    if quant_a:
+        g2 = replace(g2, block_k=quant.block_shape[1])
+    elif quant.is_quantized and not fused_q:
+        from .scheme import quantize_activation
+
+        a2, a2_s = quantize_activation(a2, quant, a2_scale)
+    invoke_moe_gemm(
+        a2,
+        w2,
+        out,
+        routing,
+        g2,
+        a_row_div=1,
+        activation="none",
+        quant_mode=qmode,
+        a_scale=a2_s,
+        b_scale=w2_scale,
+        block_shape=quant.block_shape,
+        quant_a=quant_a,
+        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        persistent=config.persistent,
+    )
+    return out
+
+
+def fused_experts_triton(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    quant: QuantConfig | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    expert_map: torch.Tensor | None = None,
+    global_num_experts: int | None = None,
+    apply_router_weight_on_input: bool = False,
+    out: torch.Tensor | None = None,
+    valid_tokens: torch.Tensor | None = None,
+    num_tokens_hint: int | None = None,
+    config: LaunchConfig | None = None,
+    check_inputs: bool = True,
+) -> torch.Tensor:
+    """The whole experts computation with the Triton kernels: ``[M, K]`` in, ``[M, K]`` out.
+
+    Weights in vLLM's layout (``w1 [E, 2N, K]`` gate rows then up rows, ``w2 [E, K, N]``); FP8 weights
+    with ``quant`` (inferred from the weights' dtype and ``w1_scale`` when omitted). Activations are
+    quantized on the fly with ``ops.scheme.quantize_activation``.
+
+    CUDA graphs: pass ``valid_tokens`` (one-element int tensor on the device) and the buffers sized for
+    the largest batch; only the first ``valid_tokens`` rows are computed and written (the rest of ``out``
+    is left as it was), so one captured graph serves every batch size. ``num_tokens_hint`` (typical batch)
+    sizes the launch grids and picks the launch config; programs loop when a batch outgrows it.
+    """
+    from ..functional import infer_quant
+    from ..modular import ExpertWeights
+    from ..validation import check_moe_inputs
+
+    quant = infer_quant(w1, w1_scale, quant, None)
+    if global_num_experts is None or global_num_experts == -1:
+        global_num_experts = expert_map.shape[0] if expert_map is not None else w1.shape[0]
+    if check_inputs:
+        topk_weights, topk_ids = check_moe_inputs(
+            hidden_states,
+            ExpertWeights(w1, w2, w1_scale, w2_scale, a1_scale, a2_scale),
+            topk_weights,
+            topk_ids,
+            activation=activation,
+            global_num_experts=global_num_experts,
+            expert_map=expert_map,
+            quant=quant,
+            apply_router_weight_on_input=apply_router_weight_on_input,
+        )
+    else:
+        topk_ids = topk_ids.to(torch.int32)
+        topk_weights = topk_weights.float()
+    _check_runnable(hidden_states)
+    m, k_dim = hidden_states.shape
+    if out is None:
+        out = torch.empty_like(hidden_states)
+    elif out.shape != hidden_states.shape or out.dtype != hidden_states.dtype or out.device != hidden_states.device:
+        raise ValueError(
+            f"out must be [{m}, {k_dim}] {hidden_states.dtype} on {hidden_states.device}, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+    if valid_tokens is not None:
+        if (
+            not isinstance(valid_tokens, torch.Tensor)
+            or valid_tokens.numel() != 1
+            or valid_tokens.dtype not in (torch.int32, torch.int64)
+            or valid_tokens.device != hidden_states.device
+        ):
+            raise ValueError(
+                f"valid_tokens must be a one-element int32/int64 tensor on {hidden_states.device}, got {valid_tokens!r}"
+            )
+        valid_tokens = valid_tokens.reshape(1)
+    if num_tokens_hint is not None and (not isinstance(num_tokens_hint, int) or num_tokens_hint < 1):
+        raise ValueError(f"num_tokens_hint must be a positive int, got {num_tokens_hint!r}")
+    if m == 0:
+        return out
+    a1 = hidden_states
+    if apply_router_weight_on_input:
+        a1 = (a1.float() * topk_weights.float()).to(a1.dtype)
+    return experts_standard(
+        out,
+        a1,
+        None,
+        w1,
+        w2,
+        topk_weights,
+        topk_ids,
+        activation=activation,
+        quant=quant,
+        w1_scale=w1_scale,
+        w2_scale=w2_scale,
+        a2_scale=a2_scale,
+        expert_map=expert_map,
+        global_num_experts=global_num_experts,
+        mul_routed_weight=not apply_router_weight_on_input,
+        config=config,
+        valid_tokens=valid_tokens,
+        num_tokens_hint=num_tokens_hint,
+        a1_scale=a1_scale,
+    )
+
+
+__all__ = [
+    "GemmLaunch",
+    "LaunchConfig",
+    "Routing",
+    "config_file_name",
+    "dtype_tag",
+    "experts_batched",
+    "experts_standard",
+    "fused_experts_triton",
+    "get_launch_config",
+    "heuristic_config",
+    "invoke_moe_gemm",
+    "lookup_config_file",
+    "moe_reduce",
+]

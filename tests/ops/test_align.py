@@ -1,0 +1,150 @@
+"""moe_align_block_size and its graph-safe form against a plain-loop reference, on both CPU backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_plugin.ops.align import align_buffer_sizes, moe_align_block_size, moe_align_block_size_graph_safe
+
+
+def naive_align(ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False, valid_tokens=None):
+    """vLLM's moe_align_block_size written out with lists. ``valid_tokens`` keeps only the first rows while
+    buffer sizes and the sentinel still come from all rows (the graph-safe contract)."""
+    rows = ids.tolist()
+    top_k = len(rows[0]) if rows else ids.shape[1]
+    numel = len(rows) * top_k
+    if valid_tokens is not None:
+        rows = rows[: max(0, min(valid_tokens, len(rows)))]
+    flat = [e for row in rows for e in row]
+    length = numel + num_experts * (block_size - 1)
+    if pad_sorted_ids:
+        length = math.ceil(length / block_size) * block_size
+    sorted_ids, expert_ids = [], []
+    for e in range(num_experts):
+        mine = [slot for slot, x in enumerate(flat) if x == e]
+        padded = math.ceil(len(mine) / block_size) * block_size
+        sorted_ids += mine + [numel] * (padded - len(mine))
+        expert_ids += [e] * (padded // block_size)
+    total = len(sorted_ids)
+    sorted_ids += [numel] * (length - total)
+    expert_ids += [0] * (math.ceil(length / block_size) - len(expert_ids))
+    if expert_map is not None:
+        table = expert_map.tolist()
+        expert_ids = [table[e] for e in expert_ids]
+    return sorted_ids, expert_ids, total
+
+
+def check(result, expected):
+    sorted_ids, expert_ids, ntpp = result
+    assert sorted_ids.dtype == torch.int32 and expert_ids.dtype == torch.int32 and ntpp.dtype == torch.int32
+    assert sorted_ids.tolist() == expected[0]
+    assert expert_ids.tolist() == expected[1]
+    assert ntpp.tolist() == [expected[2]]
+
+
+def random_ids(m, k, e, seed, invalid=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(m)]) if k <= e and m else torch.randint(0, e, (m, k), generator=g)
+    ids = ids.to(torch.int32).reshape(m, k)
+    if invalid and m > 2:
+        ids[1, 0] = -1
+        ids[2, -1] = e + 5
+    return ids
+
+
+def test_seed_example(backend):
+    # The documented example, with the experts numbered from 0.
+    ids = torch.tensor([[1, 2, 3], [0, 1, 3], [0, 2, 3], [0, 1, 2]], dtype=torch.int32)
+    sorted_ids, expert_ids, ntpp = moe_align_block_size(ids, 4, 4)
+    assert sorted_ids.tolist()[:16] == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
+    assert sorted_ids.tolist()[16:] == [12] * 8  # buffer = 12 + 4 * 3
+    assert expert_ids.tolist() == [0, 1, 2, 3, 0, 0]
+    assert ntpp.tolist() == [16]
+
+
+CASES = [
+    # m, k, experts, block, pad, map kind
+    (0, 2, 8, 16, False, None),
+    (1, 1, 1, 16, False, None),
+    (5, 8, 12, 16, True, "ep"),
+    (9, 3, 7, 32, False, "ep"),
+    (6, 4, 33, 64, True, None),
+    (4, 2, 5, 256, False, "all_remote"),
+    (11, 6, 6, 128, True, "ep"),
+]
+
+
+@pytest.mark.parametrize("m,k,e,bs,pad,map_kind", CASES)
+def test_matches_reference(backend, m, k, e, bs, pad, map_kind):
+    ids = random_ids(m, k, e, seed=m * 31 + e, invalid=True)
+    expert_map = None
+    if map_kind == "ep":
+        expert_map = torch.full((e,), -1, dtype=torch.int32)
+        expert_map[e // 2 :] = torch.arange(e - e // 2, dtype=torch.int32)
+    elif map_kind == "all_remote":
+        expert_map = torch.full((e,), -1, dtype=torch.int32)
+    result = moe_align_block_size(ids, bs, e, expert_map=expert_map, pad_sorted_ids=pad)
+    check(result, naive_align(ids, bs, e, expert_map, pad))
+    assert result[0].numel() == align_buffer_sizes(m * k, bs, e, pad)[0]
+
+
+def test_all_slots_on_one_expert(backend):
+    ids = torch.full((20, 1), 3, dtype=torch.int32)
+    ids[::2] = 3
+    check(moe_align_block_size(ids, 16, 5), naive_align(ids, 16, 5))
+
+
+def test_stable_within_an_expert_across_chunks(backend):
+    # More slots than one program's chunk: the order inside each expert must still be the flat order.
+    ids = torch.tensor([[i % 3, (i * 7 + 1) % 3] for i in range(80)], dtype=torch.int32)
+    check(moe_align_block_size(ids, 16, 3), naive_align(ids, 16, 3))
+
+
+def test_chunks_of_several_sub_blocks(backend, monkeypatch):
+    # Large inputs give each program several 32-slot sub-blocks, carried by running counts; force that here.
+    import moe_plugin.ops.align as align_mod
+
+    monkeypatch.setattr(align_mod, "_MAX_CHUNKS", 2)
+    ids = random_ids(40, 4, 6, seed=5, invalid=True)
+    expert_map = torch.tensor([1, -1, 0, 3, 2, -1], dtype=torch.int32)
+    check(moe_align_block_size(ids, 16, 6, expert_map=expert_map), naive_align(ids, 16, 6, expert_map))
+    valid = torch.tensor([23], dtype=torch.int32)
+    check(moe_align_block_size_graph_safe(ids, 16, 6, valid), naive_align(ids, 16, 6, valid_tokens=23))
+
+
+def test_int64_ids_accepted(backend):
+    ids = random_ids(7, 2, 9, seed=3).long()
+    check(moe_align_block_size(ids, 16, 9), naive_align(ids, 16, 9))
+
+
+@pytest.mark.parametrize("valid", [0, 1, 5, 12, 40])
+def test_graph_safe_equals_the_sliced_call(backend, valid):
+    max_tokens, k, e, bs = 12, 3, 7, 16
+    ids = random_ids(max_tokens, k, e, seed=11)
+    expert_map = torch.tensor([0, -1, 1, -1, 2, 3, -1], dtype=torch.int32)
+    count = torch.tensor([valid], dtype=torch.int32)
+    result = moe_align_block_size_graph_safe(ids, bs, e, count, expert_map=expert_map, pad_sorted_ids=True)
+    check(result, naive_align(ids, bs, e, expert_map, True, valid_tokens=valid))
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: moe_align_block_size(torch.zeros(4, 2), 16, 4), TypeError, "int32"),
+        (lambda: moe_align_block_size(torch.zeros(8, dtype=torch.int32), 16, 4), ValueError, "2-D"),
+        (lambda: moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32), 0, 4), ValueError, "block_size"),
+        (lambda: moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32), 16, 0), ValueError, "num_experts"),
+        (
+            lambda: moe_align_block_size(torch.zeros(4, 2, dtype=torch.int32), 16, 4, torch.zeros(3, dtype=torch.int32)),
+            ValueError,
+            r"expert_map must have shape \[4\]",
+        ),
+        (lambda: moe_align_block_size_graph_safe(torch.zeros(4, 2, dtype=torch.int32), 16, 4, 3), TypeError, "valid_tokens"),
+    ],
+)
+def test_bad_input_names_the_argument(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
