@@ -154,3 +154,11 @@ def test_fp8_per_tensor_and_per_channel():
     w2c = (w2f / c2).to(torch.float8_e4m3fn)
     out_c = fused_experts(x, w1c, w2c, w, ids, w1_scale=c1, w2_scale=c2, quant=QuantConfig("fp8_w8a8", per_act_token=True))
     assert rel_err(out_c, ref) < 8e-2
+
+
+def test_fp8_per_tensor_with_no_tokens():
+    x, w1f, w2f, w, ids = make_case(0, 3, 2, 32, 16)
+    s1 = torch.ones(3)
+    w1, w2 = w1f.to(torch.float8_e4m3fn), w2f.to(torch.float8_e4m3fn)
+    out = fused_experts(x, w1, w2, w, ids, w1_scale=s1, w2_scale=s1)
+    assert out.shape == (0, 32)

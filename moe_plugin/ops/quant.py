@@ -114,7 +114,9 @@ def per_tensor_quant_fp8(
     """One scale for the whole tensor (computed when ``scale`` is None, else the static one given)."""
     _check_input(x)
     if scale is None:
-        scale = (x.float().abs().amax().clamp_min(eps) / FP8_MAX).reshape(1)
+        # amax of an empty tensor is undefined; any positive scale quantizes no values correctly.
+        amax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+        scale = (amax.clamp_min(eps) / FP8_MAX).reshape(1)
     else:
         if scale.numel() != 1:
             raise ValueError(f"scale must hold one value for per-tensor quantization, got shape {tuple(scale.shape)}")
