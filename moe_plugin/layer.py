@@ -95,6 +95,9 @@ class FusedMoE(nn.Module):
         else:
             self.w13_weight_scale = None
             self.w2_weight_scale = None
+        # per-tensor FP8: each expert's gate and up scales as loaded (NaN = not yet), merged on first use
+        self._w13_half_scales = torch.full((e, 2), float("nan"), dtype=torch.float32, device=device)
+        self._pending_requant: set[int] = set()
         expert_map = build_expert_map(config.num_experts, config.parallel, device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self.gate = nn.Linear(k, config.num_experts, bias=False, dtype=config.dtype, device=device) if with_gate else None
@@ -146,13 +149,23 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states [..., K]`` -> ``[..., K]``. Runs as the custom op ``moe_plugin::moe_layer_forward``
         so torch.compile sees one opaque call instead of the data-dependent routing inside."""
+        if self._pending_requant:
+            self.finalize_weights()
         shape = hidden_states.shape
         hidden_states = hidden_states.reshape(-1, shape[-1])
         if router_logits is None:
             if self.gate is None:
                 raise ValueError("router_logits is required when the layer was built without with_gate=True")
             router_logits = self.gate(hidden_states)
-        router_logits = router_logits.reshape(hidden_states.shape[0], -1)
+        if not isinstance(router_logits, torch.Tensor):
+            raise TypeError(f"router_logits must be a torch.Tensor, got {type(router_logits).__name__}")
+        m, e = hidden_states.shape[0], self.config.num_experts
+        if router_logits.shape[-1] != e or router_logits.numel() != m * e:
+            raise ValueError(
+                f"router_logits must hold [{m}, {e}] (one score per token per global expert), "
+                f"got shape {tuple(router_logits.shape)}"
+            )
+        router_logits = router_logits.reshape(m, e)
         return torch.ops.moe_plugin.moe_layer_forward(hidden_states, router_logits, self.layer_name).reshape(shape)
 
     def _forward_impl(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -218,27 +231,49 @@ class FusedMoE(nn.Module):
                 continue
             if not quant.is_quantized:
                 raise ValueError(f"experts.{expert_id}.{part} scale given but the layer is unquantized")
-            self._load_scale(local, part, scale, gated)
+            self._load_scale(expert_id, local, part, scale, gated)
         return True
 
-    def _load_scale(self, local: int, part: str, scale: torch.Tensor, gated: bool) -> None:
+    def _load_scale(self, expert_id: int, local: int, part: str, scale: torch.Tensor, gated: bool) -> None:
         quant = self.config.quant
+        per_tensor = quant.block_shape is None and not quant.per_act_token
         if part == "down":
-            self.w2_weight_scale[local].copy_(scale.reshape(self.w2_weight_scale[local].shape))
-            return
-        target = self.w13_weight_scale[local]
-        if quant.block_shape is None and not quant.per_act_token:
-            # per-tensor: one scale per expert; gate and up must agree (vLLM takes their max and requantizes)
-            target.copy_(scale.reshape(target.shape))
-            return
-        rows = target.shape[0]
-        half = rows // 2
-        if not gated:
-            target.copy_(scale.reshape(target.shape))
-        elif part == "gate":
-            target[:half].copy_(scale.reshape(target[:half].shape))
+            target = self.w2_weight_scale[local]
+        elif per_tensor:
+            target = self.w13_weight_scale[local]
+        elif not gated:
+            target = self.w13_weight_scale[local]
         else:
-            target[half:].copy_(scale.reshape(target[half:].shape))
+            half = self.w13_weight_scale.shape[1] // 2
+            target = self.w13_weight_scale[local, :half] if part == "gate" else self.w13_weight_scale[local, half:]
+        if scale.numel() != target.numel():
+            raise ValueError(
+                f"experts.{expert_id}.{part} scale must hold {target.numel()} values (shape {tuple(target.shape)}) "
+                f"for {quant.name}, got shape {tuple(scale.shape)}"
+            )
+        if per_tensor and part != "down" and gated:
+            # Gate and up arrive with their own scales but share one per expert: remember both, and
+            # requantize the half with the smaller scale to their max before the first forward.
+            self._w13_half_scales[local, 0 if part == "gate" else 1] = scale.reshape(()).float()
+            self._pending_requant.add(local)
+            return
+        target.copy_(scale.reshape(target.shape))
+
+    def _requantize_per_tensor_w13(self) -> None:
+        half = self.config.intermediate_size
+        for local in sorted(self._pending_requant):
+            scales = self._w13_half_scales[local]
+            loaded = scales[~torch.isnan(scales)]
+            shared = loaded.max()
+            for index, rows in enumerate((slice(0, half), slice(half, 2 * half))):
+                own = scales[index]
+                if torch.isnan(own) or own == shared:
+                    continue
+                w = self.w13_weight[local, rows]
+                w.copy_((w.float() * (own / shared)).to(w.dtype))
+                scales[index] = shared
+            self.w13_weight_scale[local].fill_(shared.item())
+        self._pending_requant.clear()
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -283,8 +318,11 @@ class FusedMoE(nn.Module):
 
     @torch.no_grad()
     def finalize_weights(self) -> None:
-        """Call once after loading: lets the experts backend convert weights into its own layout (e.g.
+        """Call once after loading (the first forward does it otherwise): merges per-tensor FP8 gate/up
+        scales into one per expert, and lets the experts backend convert weights into its own layout (e.g.
         DeepGEMM's scale layout) at load time instead of on the first forward."""
+        if self._pending_requant:
+            self._requantize_per_tensor_w13()
         prepare = getattr(self.kernel.experts, "prepare_weights", None)
         if prepare is not None:
             prepare(self.expert_weights())

@@ -108,9 +108,15 @@ def test_fp8_layer_loads_block_scales():
     layer.load_weights(fp8)
     x, logits = torch.randn(5, h, dtype=torch.bfloat16), torch.randn(5, 4)
     out = layer(x, logits)
-    w1, w2 = stacked(w, e=4)
     tw, ti = naive.topk_softmax(logits, 2, True)
-    assert rel_err(out, naive.moe(x.float(), w1, w2, tw, ti)) < 8e-2
+    q1, q2 = stacked(fp8, e=4)
+    s13 = torch.stack([torch.cat([fp8[f"model.layers.0.mlp.experts.{i}.gate_proj.weight_scale_inv"],
+                                  fp8[f"model.layers.0.mlp.experts.{i}.up_proj.weight_scale_inv"]]) for i in range(4)])
+    s2 = torch.stack([fp8[f"model.layers.0.mlp.experts.{i}.down_proj.weight_scale_inv"] for i in range(4)])
+    # Against the block-FP8 naive reference on the same quantized weights: a tight bound that a swapped
+    # or misplaced scale block cannot meet.
+    ref = naive.moe(x, q1, q2, tw, ti, w1_scale=s13, w2_scale=s2, block=(128, 128))
+    assert rel_err(out, ref) < 3e-2
 
 
 def test_layer_errors():
@@ -124,3 +130,41 @@ def test_layer_errors():
         layer.load_expert(E, up=torch.randn(N, H))
     with pytest.raises(TypeError, match="config"):
         FusedMoE({"num_experts": 8})
+
+
+def test_router_logits_shape_checked():
+    layer = FusedMoE(MoEConfig(E, K_TOP, H, N, dtype=torch.float32))
+    x = torch.randn(8, H)
+    with pytest.raises(ValueError, match="router_logits"):
+        layer(x, torch.randn(8, E - 2))
+    with pytest.raises(ValueError, match="router_logits"):
+        layer(x, torch.randn(4, 2 * E))
+
+
+def test_fp8_scale_shape_checked():
+    layer = FusedMoE(MoEConfig(4, 2, 256, 128, dtype=torch.bfloat16, quant=QuantConfig.fp8_block()))
+    with pytest.raises(ValueError, match="experts.0.gate scale"):
+        layer.load_expert(0, gate_scale=torch.ones(3, 3))
+
+
+def test_fp8_per_tensor_gate_up_scales_merged():
+    """Per-tensor FP8 checkpoints give gate and up their own scales; the layer shares one per expert, so
+    it requantizes the half with the smaller scale to the max (as vLLM does) instead of dropping one."""
+    e, h, n = 2, 32, 16
+    cfg = MoEConfig(e, 1, h, n, dtype=torch.float32, quant=QuantConfig("fp8_w8a8"))
+    layer = FusedMoE(cfg)
+    w = hf_weights(seed=6, e=e, h=h, n=n)
+    w[f"model.layers.0.mlp.experts.0.gate_proj.weight"] *= 0.01  # very different ranges for gate and up
+    fp8 = {}
+    for name, t in w.items():
+        s = t.abs().max() / 448.0
+        fp8[name] = (t / s).to(torch.float8_e4m3fn)
+        fp8[name.replace(".weight", ".weight_scale")] = s.reshape(1)
+    layer.load_weights(fp8)
+    x, logits = torch.randn(6, h), torch.randn(6, e)
+    out = layer(x, logits)
+    w1, w2 = stacked(w, e=e)
+    tw, ti = naive.topk_softmax(logits, 1, True)
+    # FP8 weights and activations: a few percent; dropping the gate scale would be off by ~100x.
+    assert rel_err(out, naive.moe(x, w1, w2, tw, ti)) < 0.1
+    assert torch.allclose(layer.w13_weight_scale, layer._w13_half_scales.amax(dim=1))

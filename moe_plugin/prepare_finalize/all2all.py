@@ -545,6 +545,16 @@ class BatchedAllToAllPrepareAndFinalize(AllToAllPrepareAndFinalize):
                 f"hidden_states has {hidden_states.shape[0]} tokens but {type(self).__name__} holds "
                 f"max_num_tokens={self.config.max_num_tokens} per rank; run it through ModularKernel, which chunks"
             )
+        # A token naming one expert twice could overflow the receiver's [max_num_tokens * P] rows; the
+        # receiver would raise after this rank had entered the combine and left it waiting out the
+        # timeout, so the sender rejects it before any collective.
+        if topk_ids.dim() == 2 and topk_ids.shape[1] > 1 and topk_ids.numel() and _value_checks_enabled(topk_ids):
+            ordered = torch.sort(topk_ids, dim=1).values
+            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+                raise ValueError(
+                    "topk_ids repeats an expert within a token; the batched all-to-all layout holds each "
+                    "token at most once per expert"
+                )
         return super().prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)
 
     def _buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fill=None):

@@ -214,6 +214,7 @@ def cases(ctx: Ctx) -> dict:
     c["config_mismatch_detected"] = lambda: case_config_mismatch(ctx, e)
     c["ep_rank_mismatch_detected"] = lambda: case_rank_mismatch(ctx, e)
     c["bad_inputs_rejected"] = lambda: case_bad_inputs(ctx, e)
+    c["bat_duplicate_ids_rejected_by_sender"] = lambda: case_duplicate_ids(ctx, e)
     return c
 
 
@@ -401,6 +402,21 @@ def case_bad_inputs(ctx: Ctx, e: int):
     ):
         problems += [f"{name}: {p}" for p in _expect_error(fn, exc, needle)["problems"]]
     return {"problems": problems}
+
+
+def case_duplicate_ids(ctx: Ctx, e: int):
+    """A token naming an expert twice is rejected by the rank that sent it, before any collective (so no
+    peer is left waiting in the combine); the group stays usable afterwards."""
+    cfg = MoEConfig(e, 3, 32, 16, dtype=torch.float32, parallel=ParallelConfig(ctx.world, ctx.rank), max_num_tokens=4)
+    pf = BatchedAllToAllPrepareAndFinalize.from_config(cfg, ctx.ep.group)
+    d = ctx.device
+    x = torch.randn(4, 32, device=d)
+    ids = torch.tensor([[0, 1, 2]] * 3 + [[1, 1, 0]], dtype=torch.int32, device=d)
+    kw = dict(num_experts=e, expert_map=None, apply_router_weight_on_input=False, a1_scale=None)
+    out = _expect_error(lambda: pf.prepare(x, torch.rand(4, 3, device=d), ids, **kw), ValueError,
+                        "repeats an expert")
+    ctx.ep.barrier(30.0)  # every rank raised locally: the group still works
+    return out
 
 
 # ---- failure suites (one scenario per launch: a failed collective leaves the group unusable) ------------
