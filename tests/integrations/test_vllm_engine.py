@@ -109,9 +109,8 @@ def test_compiled_float32(run):
 def test_bfloat16_engine_core_in_its_own_process(run):
     """vLLM's defaults: bf16, and the engine core in a child process that loads the plugin by itself (the
     call count stays there; the log line, prefixed with that process, shows the kernel was built there).
-    The first token of each prompt (prefill) agrees, and logprobs stay within bf16 rounding of vLLM's own
-    kernel while the sequences agree: two correct bf16 kernels round differently and a random model has
-    near-tied logits."""
+    Greedy sequences equal vLLM's own kernel's token for token, logprobs within bf16 rounding, and the first
+    token matches the fp32 run."""
     off = run("eager", "bfloat16", MOE_PLUGIN_VLLM="0")
     assert_plugin_absent(off)
     on = run("eager", "bfloat16", VLLM_ENABLE_V1_MULTIPROCESSING="1")
@@ -121,12 +120,12 @@ def test_bfloat16_engine_core_in_its_own_process(run):
     assert VLLM_OWN_LINE not in on["log"]
     assert on["moe_plugin_calls"] == 0
     fp32 = run("eager", "float32", MOE_PLUGIN_VLLM="0")
-    for got, want, ref, got_lp, want_lp in zip(on["tokens"], off["tokens"], fp32["tokens"], on["logprobs"],
-                                               off["logprobs"]):
-        assert got[0] == want[0] == ref[0]
+    # Both kernels keep GEMM1's output in fp32 before the activation, so greedy bf16 sequences agree in
+    # full; logprobs differ by bf16 rounding only.
+    assert on["tokens"] == off["tokens"]
+    for got, ref, got_lp, want_lp in zip(on["tokens"], fp32["tokens"], on["logprobs"], off["logprobs"]):
+        assert got[0] == ref[0]
         for step in range(MAX_TOKENS):
-            if got[: step + 1] != want[: step + 1]:
-                break
             assert abs(got_lp[step] - want_lp[step]) < 0.1
 
 
