@@ -47,6 +47,14 @@ def infer_quant(
     return QuantConfig(QuantScheme.FP8_W8A8, None, per_act_token=per_channel)
 
 
+def infer_global_num_experts(global_num_experts: int | None, expert_map: torch.Tensor | None, w1: torch.Tensor) -> int:
+    """The global expert count an experts call implies: ``global_num_experts`` unless None or -1, else the
+    length of ``expert_map``, else the experts ``w1`` holds."""
+    if global_num_experts is None or global_num_experts == -1:
+        return expert_map.shape[0] if expert_map is not None else w1.shape[0]
+    return global_num_experts
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel_for(config: MoEConfig, device: str) -> ModularKernel:
     from .oracle import select_kernel
@@ -193,8 +201,7 @@ def fused_experts(
     check_tensor("w2", w2, ndim=3)
     check_tensor("topk_ids", topk_ids, ndim=2)
     quant = infer_quant(w1, w1_scale, quant, block_shape)
-    if global_num_experts is None or global_num_experts == -1:
-        global_num_experts = expert_map.shape[0] if expert_map is not None else w1.shape[0]
+    global_num_experts = infer_global_num_experts(global_num_experts, expert_map, w1)
     # Full validation runs here (outside the op) so errors surface with the caller's names, also when
     # the op itself is traced by torch.compile.
     from .validation import check_moe_inputs

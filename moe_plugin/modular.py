@@ -225,6 +225,26 @@ class PrepareAndFinalize(ABC):
         return f"{type(self).__name__}(quant={self.quant.name})"
 
 
+class AsyncPrepareAndFinalize(PrepareAndFinalize):
+    """A ``PrepareAndFinalize`` whose collectives are asynchronous: subclasses implement ``prepare_async``
+    and ``finalize_async`` (same arguments as ``prepare`` / ``finalize``); the blocking forms start one
+    and wait for it."""
+
+    @abstractmethod
+    def prepare_async(self, *args, **kwargs) -> Callable[[], PreparedTokens]:
+        """Start ``prepare``; the returned function waits for the transfer and returns its result."""
+
+    @abstractmethod
+    def finalize_async(self, *args, **kwargs) -> Callable[[], None]:
+        """Start ``finalize``; the returned function waits for it and writes ``output``."""
+
+    def prepare(self, hidden_states, topk_weights, topk_ids, **kwargs) -> PreparedTokens:
+        return self.prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)()
+
+    def finalize(self, output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs) -> None:
+        self.finalize_async(output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs)()
+
+
 class PermuteExpertsUnpermute(ABC):
     """The experts: permute -> GEMM1 -> activation (+quant) -> GEMM2 -> unpermute.
 

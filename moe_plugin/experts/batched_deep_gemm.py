@@ -29,21 +29,12 @@ from ..config import FP8_DTYPE, MoEConfig, ScaleFormat
 from ..modular import (
     ActivationFormat,
     ExpertTokensMetadata,
-    ExpertWeights,
-    PermuteExpertsUnpermute,
     TopKWeightAndReduce,
     WeightAndReduceDelegate,
     WorkspaceShapes,
 )
 from ..ops.activation import silu_mul_fp8_quant_masked
-from .deep_gemm import (
-    DEEPGEMM_BLOCK,
-    DeepGemmWeights,
-    PreparedWeightCache,
-    deep_gemm_api,
-    deep_gemm_problems,
-    prepare_deep_gemm_weights,
-)
+from .deep_gemm import DEEPGEMM_BLOCK, DeepGemmExpertsBase, deep_gemm_api, deep_gemm_problems
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +57,16 @@ def estimate_expected_m(
     return max(1, min(max_tokens_per_expert, max(EXPECTED_M_GRANULE, estimate)))
 
 
-class BatchedDeepGemmExperts(PermuteExpertsUnpermute):
+class BatchedDeepGemmExperts(DeepGemmExpertsBase):
     """Batched-format FP8 block experts on DeepGEMM's masked grouped GEMM (see module docstring)."""
 
     name = "batched_deep_gemm"
     activation_format = ActivationFormat.BATCHED
-    required_modules = ("deep_gemm",)
-    supports_expert_map = True
 
     def __init__(self, config: MoEConfig):
         super().__init__(config)
-        if not config.quant.is_fp8_block or config.quant.block_shape != (DEEPGEMM_BLOCK, DEEPGEMM_BLOCK):
-            raise ValueError(f"{type(self).__name__} needs QuantConfig.fp8_block(128), got {config.quant.name}")
         if config.activation != "silu":
             raise ValueError(f"{type(self).__name__} fuses SiLU only, got activation={config.activation!r}")
-        self.weight_cache = PreparedWeightCache()
 
     @classmethod
     def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
@@ -97,15 +83,6 @@ class BatchedDeepGemmExperts(PermuteExpertsUnpermute):
             workspace2=(0,),
             output=(local_num_experts, num_tokens, k),
         )
-
-    def prepare_weights(self, weights: ExpertWeights) -> DeepGemmWeights:
-        """DeepGEMM-ready weights (prepared once, cached; see ``moe_plugin.experts.deep_gemm``)."""
-        device = weights.w1.device
-        if device.type != "cuda":
-            raise ValueError(f"DeepGEMM weights must be on a CUDA device, w1 is on {device}")
-        arch = torch.cuda.get_device_capability(device)[0]
-        api = deep_gemm_api()
-        return self.weight_cache.get(weights, lambda w: prepare_deep_gemm_weights(w, arch, api.transform_sf))
 
     # ---- deep_gemm (thin) ------------------------------------------------------------------------------
 
@@ -142,8 +119,7 @@ class BatchedDeepGemmExperts(PermuteExpertsUnpermute):
             )
         if a1q_scale.dtype == torch.int32 and torch.cuda.get_device_capability(hidden_states.device)[0] != 10:
             raise ValueError("packed UE8M0 (int32) activation scales are read by SM100 DeepGEMM only")
-        if output.dtype != torch.bfloat16:
-            raise TypeError(f"DeepGEMM writes bfloat16; the output is {output.dtype}")
+        self._check_output(output)
         num_local, t, k = hidden_states.shape
         if t == 0:
             return

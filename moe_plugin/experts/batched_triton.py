@@ -9,38 +9,27 @@ from __future__ import annotations
 
 import torch
 
-from ..config import FP8_DTYPE, MoEConfig, is_gated
+from ..config import FP8_DTYPE
 from ..modular import (
     ActivationFormat,
     ExpertTokensMetadata,
-    PermuteExpertsUnpermute,
     TopKWeightAndReduce,
     WeightAndReduceDelegate,
     WorkspaceShapes,
 )
-from .triton import triton_support
+from ..ops.activation import activation_output_dim
+from .triton import TritonExpertsBase
 
 
-class BatchedTritonExperts(PermuteExpertsUnpermute):
+class BatchedTritonExperts(TritonExpertsBase):
     """Batched format: ``a1 [E_local, T, K]`` + ``expert_num_tokens [E_local]`` in, ``[E_local, T, K]``
     out (rows past each count are left unwritten)."""
 
     name = "batched_triton"
     activation_format = ActivationFormat.BATCHED
-    required_modules = ("triton",)
-    supports_expert_map = True
-    supports_chunking = True
-
-    def __init__(self, config: MoEConfig, launch_config=None):
-        super().__init__(config)
-        self.launch_config = launch_config
-
-    @classmethod
-    def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
-        return triton_support(config, caps)
 
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
-        n_inter = n // 2 if is_gated(activation) else n
+        n_inter = activation_output_dim(activation, n)
         return WorkspaceShapes(
             workspace13=(0,),
             workspace2=(local_num_experts * num_tokens * n_inter + 512,),

@@ -328,12 +328,10 @@ def _typed_view(workspace: torch.Tensor, dtype: torch.dtype, shape: tuple[int, .
     return flat[:nbytes].view(dtype).view(shape)
 
 
-class DeepGemmExperts(PermuteExpertsUnpermute):
-    """Standard-format FP8 block experts on DeepGEMM's contiguous grouped GEMM; weights and reduces
-    itself (output ``[M', K]``)."""
+class DeepGemmExpertsBase(PermuteExpertsUnpermute):
+    """What the DeepGEMM experts of both layouts share: DeepGEMM's FP8 recipe, the prepared-weight cache
+    and bfloat16 outputs."""
 
-    name = "deep_gemm"
-    activation_format = ActivationFormat.STANDARD
     required_modules = ("deep_gemm",)
     supports_expert_map = True
 
@@ -342,6 +340,28 @@ class DeepGemmExperts(PermuteExpertsUnpermute):
         if not config.quant.is_fp8_block or config.quant.block_shape != (DEEPGEMM_BLOCK, DEEPGEMM_BLOCK):
             raise ValueError(f"{type(self).__name__} needs QuantConfig.fp8_block(128), got {config.quant.name}")
         self.weight_cache = PreparedWeightCache()
+
+    def prepare_weights(self, weights: ExpertWeights) -> DeepGemmWeights:
+        """DeepGEMM-ready weights for ``weights`` (prepared once, then cached; see the module docstring)."""
+        device = weights.w1.device
+        if device.type != "cuda":
+            raise ValueError(f"DeepGEMM weights must be on a CUDA device, w1 is on {device}")
+        arch = torch.cuda.get_device_capability(device)[0]
+        api = deep_gemm_api()
+        return self.weight_cache.get(weights, lambda w: prepare_deep_gemm_weights(w, arch, api.transform_sf))
+
+    @staticmethod
+    def _check_output(output: torch.Tensor) -> None:
+        if output.dtype != torch.bfloat16:
+            raise TypeError(f"DeepGEMM writes bfloat16; the output is {output.dtype}")
+
+
+class DeepGemmExperts(DeepGemmExpertsBase):
+    """Standard-format FP8 block experts on DeepGEMM's contiguous grouped GEMM; weights and reduces
+    itself (output ``[M', K]``)."""
+
+    name = "deep_gemm"
+    activation_format = ActivationFormat.STANDARD
 
     @classmethod
     def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
@@ -373,17 +393,6 @@ class DeepGemmExperts(PermuteExpertsUnpermute):
             workspace2=(m_sum * n,),
             output=(num_tokens, k),
         )
-
-    # ---- weights --------------------------------------------------------------------------------------
-
-    def prepare_weights(self, weights: ExpertWeights) -> DeepGemmWeights:
-        """DeepGEMM-ready weights for ``weights`` (prepared once, then cached; see the module docstring)."""
-        device = weights.w1.device
-        if device.type != "cuda":
-            raise ValueError(f"DeepGEMM weights must be on a CUDA device, w1 is on {device}")
-        arch = torch.cuda.get_device_capability(device)[0]
-        api = deep_gemm_api()
-        return self.weight_cache.get(weights, lambda w: prepare_deep_gemm_weights(w, arch, api.transform_sf))
 
     # ---- deep_gemm (thin) ------------------------------------------------------------------------------
 
@@ -430,8 +439,7 @@ class DeepGemmExperts(PermuteExpertsUnpermute):
                 f"{type(self).__name__} takes FP8 activations with 1x128 scales from prepare, got "
                 f"{hidden_states.dtype} with scale {None if a1q_scale is None else tuple(a1q_scale.shape)}"
             )
-        if output.dtype != torch.bfloat16:
-            raise TypeError(f"DeepGEMM writes bfloat16; the output is {output.dtype}")
+        self._check_output(output)
         m, k = hidden_states.shape
         if m == 0:
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import MoEConfig, QuantConfig
+from ..config import QuantConfig
 from ..modular import (
     ActivationFormat,
     ExpertTokensMetadata,
@@ -61,10 +61,6 @@ class TorchExperts(PermuteExpertsUnpermute):
 
     name = "torch"
     activation_format = ActivationFormat.STANDARD
-
-    @classmethod
-    def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
-        return True, ""
 
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
         return WorkspaceShapes(
@@ -133,10 +129,6 @@ class BatchedTorchExperts(PermuteExpertsUnpermute):
     name = "batched_torch"
     activation_format = ActivationFormat.BATCHED
     supports_expert_map = True
-
-    @classmethod
-    def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
-        return True, ""
 
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
         return WorkspaceShapes(

@@ -12,7 +12,7 @@ only the slots of this rank's experts, so under expert parallelism remote slots 
 
 from __future__ import annotations
 
-from ..config import MoEConfig, is_gated
+from ..config import MoEConfig
 from ..modular import (
     ActivationFormat,
     PermuteExpertsUnpermute,
@@ -21,6 +21,7 @@ from ..modular import (
     WorkspaceShapes,
 )
 from ..ops._dispatch import triton_interpreting
+from ..ops.activation import activation_output_dim
 
 
 def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
@@ -46,18 +47,15 @@ def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
     return True, ""
 
 
-class TritonExperts(PermuteExpertsUnpermute):
-    """Standard format: ``a1 [M, K]`` + ``topk_ids [M, k]`` in, ``[M, K]`` weighted and reduced out.
+class TritonExpertsBase(PermuteExpertsUnpermute):
+    """What the Triton experts of both formats share: the oracle's facts and the launch-config pin.
 
     ``launch_config`` (an ``ops.fused_moe.LaunchConfig``) pins the tiles; by default they come from the
     tuned JSON files for the device, else from the shape heuristic.
     """
 
-    name = "triton"
-    activation_format = ActivationFormat.STANDARD
     required_modules = ("triton",)
     supports_expert_map = True
-    supports_chunking = True
 
     def __init__(self, config: MoEConfig, launch_config=None):
         super().__init__(config)
@@ -67,9 +65,16 @@ class TritonExperts(PermuteExpertsUnpermute):
     def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
         return triton_support(config, caps)
 
+
+class TritonExperts(TritonExpertsBase):
+    """Standard format: ``a1 [M, K]`` + ``topk_ids [M, k]`` in, ``[M, K]`` weighted and reduced out."""
+
+    name = "triton"
+    activation_format = ActivationFormat.STANDARD
+
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
         slots = num_tokens * top_k
-        n_inter = n // 2 if is_gated(activation) else n
+        n_inter = activation_output_dim(activation, n)
         # workspace2 holds the activation between the GEMMs: model dtype, or FP8 plus its group scales
         # (which fit in the same bytes); the spare elements cover the 256-byte alignment of the scales.
         return WorkspaceShapes(

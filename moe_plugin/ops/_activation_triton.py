@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import triton_interpreting
-from ._jit import cast_for_store, kernel
+from ._jit import cast_for_store, fp8_group_quant, kernel
+from .align import _cdiv, _next_pow2
 
 try:
     import triton.language as tl
@@ -18,10 +19,6 @@ except ImportError:  # torch-only installs: nothing here is launched
 
 _GATED_KINDS = {"silu": 0, "gelu": 1, "swiglu": 2}
 _ELEMENTS_PER_PROGRAM = 2048
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def _rows_view(t: torch.Tensor) -> torch.Tensor | None:
@@ -57,7 +54,7 @@ def gated_activation_triton(
     rows = src.shape[0]
     if rows and n:
         block = min(_next_pow2(n), _ELEMENTS_PER_PROGRAM)
-        _gated_kernel[(rows, -(-n // block))](
+        _gated_kernel[(rows, _cdiv(n, block))](
             src,
             src.stride(0),
             dst,
@@ -86,7 +83,7 @@ def relu2_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     numel = src.numel()
     if numel:
         block = _ELEMENTS_PER_PROGRAM
-        _relu2_kernel[(-(-numel // block),)](
+        _relu2_kernel[(_cdiv(numel, block),)](
             src, target.view(-1), numel, BLOCK=block, SOFT_ROUND=triton_interpreting(), num_warps=4
         )
     if target is not out:
@@ -157,7 +154,7 @@ def silu_mul_fp8_quant_masked_triton(
     h = h2 // 2
     groups = h // group_size
     block_t = min(_MASKED_BLOCK_T, _next_pow2(max(t, 1)))
-    programs_t = max(1, min(-(-t // block_t), _MASKED_MAX_PROGRAMS // max(e, 1)))
+    programs_t = max(1, min(_cdiv(t, block_t), _MASKED_MAX_PROGRAMS // max(e, 1)))
     _silu_mul_quant_masked_kernel[(e, programs_t)](
         y,
         y.stride(0),
@@ -227,15 +224,7 @@ def _silu_mul_quant_masked_kernel(
             gate = tl.load(y_base + row_off + h_idx[None, :] * y_stride_h, mask=mask, other=0.0).to(tl.float32)
             up = tl.load(y_base + row_off + (H + h_idx)[None, :] * y_stride_h, mask=mask, other=0.0).to(tl.float32)
             act = gate / (1.0 + tl.exp(-gate)) * up
-            amax = tl.maximum(tl.max(tl.abs(act), axis=1), eps)
-            scale = tl.math.div_rn(amax, 448.0)
-            if USE_UE8M0:
-                # Round up to a power of two exactly: any mantissa bit set moves to the next exponent.
-                bits = scale.to(tl.int32, bitcast=True)
-                bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
-                scale = bits.to(tl.float32, bitcast=True)
-            q = tl.math.div_rn(act, scale[:, None])
-            q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+            q, scale = fp8_group_quant(act, eps, USE_UE8M0)
             q = cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND)
             tl.store(q_base + tokens.to(tl.int64)[:, None] * q_stride_t + h_idx[None, :], q, mask=mask)
             tl.store(s_base + tokens.to(tl.int64) * s_stride_t + g * s_stride_g, scale, mask=t_ok)

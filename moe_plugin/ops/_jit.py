@@ -117,6 +117,22 @@ def round_fp32_to_e4m3_grid(x):
 
 
 @kernel
+def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
+    """Per-row FP8 (e4m3) quantization of fp32 ``x [rows, group]``, as ``ops.quant`` does on the host:
+    ``(q, scale)`` with ``scale = max(amax, eps) / 448`` and ``q = clamp(x / scale, -448, 448)`` (still fp32)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
+    scale = tl.math.div_rn(amax, 448.0)
+    if USE_UE8M0:
+        # Round up to a power of two exactly: any mantissa bit set moves to the next exponent.
+        bits = scale.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
+        scale = bits.to(tl.float32, bitcast=True)
+    q = tl.math.div_rn(x, scale[:, None])
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    return q, scale
+
+
+@kernel
 def cast_for_store(x, dtype: tl.constexpr, SOFT_ROUND: tl.constexpr):
     """``x.to(dtype)`` with round-to-nearest-even also under the interpreter (see the module docstring)."""
     if SOFT_ROUND:

@@ -11,7 +11,8 @@ import torch
 
 from ..config import FP8_DTYPE
 from ._dispatch import triton_interpreting
-from ._jit import cast_for_store, kernel
+from ._jit import cast_for_store, fp8_group_quant, kernel
+from .align import _cdiv, _next_pow2
 
 try:
     import triton.language as tl
@@ -19,10 +20,6 @@ except ImportError:  # torch-only installs: nothing here is launched
     tl = None
 
 _ELEMENTS_PER_PROGRAM = 4096
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def per_token_group_quant_fp8_triton(
@@ -35,7 +32,7 @@ def per_token_group_quant_fp8_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``ops.quant.per_token_group_quant_fp8``; a ragged last group is allowed."""
     k = x.shape[-1]
-    groups = -(-k // group_size)
+    groups = _cdiv(k, group_size)
     lead = x.shape[:-1]
     src = x if x.stride(-1) == 1 else x.contiguous()
     try:
@@ -52,7 +49,7 @@ def per_token_group_quant_fp8_triton(
     if rows and k:
         group_p2 = _next_pow2(group_size)
         block_rows = max(1, min(_next_pow2(rows), _ELEMENTS_PER_PROGRAM // group_p2))
-        _group_quant_kernel[(-(-rows // block_rows), groups)](
+        _group_quant_kernel[(_cdiv(rows, block_rows), groups)](
             src2d,
             src2d.stride(0),
             q.view(rows, k),
@@ -78,7 +75,7 @@ def static_quant_fp8_triton(x: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     numel = src.numel()
     if numel:
-        _static_quant_kernel[(-(-numel // _ELEMENTS_PER_PROGRAM),)](
+        _static_quant_kernel[(_cdiv(numel, _ELEMENTS_PER_PROGRAM),)](
             src, scale, q.view(-1), numel, BLOCK=_ELEMENTS_PER_PROGRAM, SOFT_ROUND=triton_interpreting(), num_warps=4
         )
     return q
@@ -107,15 +104,7 @@ def _group_quant_kernel(
     mask = (r < rows)[:, None] & ((tl.arange(0, GROUP_P2) < GROUP) & (cols < K))[None, :]
     r64 = r.to(tl.int64)
     x = tl.load(x_ptr + r64[:, None] * x_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
-    scale = tl.math.div_rn(amax, 448.0)
-    if USE_UE8M0:
-        # Round up to a power of two exactly: any mantissa bit set moves to the next exponent.
-        bits = scale.to(tl.int32, bitcast=True)
-        bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
-        scale = bits.to(tl.float32, bitcast=True)
-    q = tl.math.div_rn(x, scale[:, None])
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q, scale = fp8_group_quant(x, eps, USE_UE8M0)
     tl.store(q_ptr + r64[:, None] * K + cols[None, :], cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND), mask=mask)
     tl.store(s_ptr + r64 * s_stride_row + g * s_stride_group, scale, mask=r < rows)
 

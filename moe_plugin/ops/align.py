@@ -104,7 +104,7 @@ def _check_expert_map(expert_map: object, num_experts: int, device: torch.device
     return expert_map.contiguous()
 
 
-def _check_valid_tokens(valid_tokens: object, device: torch.device) -> torch.Tensor:
+def _check_valid_tokens(valid_tokens: object, device: torch.device, like: str = "topk_ids") -> torch.Tensor:
     if not isinstance(valid_tokens, torch.Tensor):
         raise TypeError(
             "valid_tokens must be a one-element integer torch.Tensor on the device (a Python int would be baked "
@@ -115,7 +115,7 @@ def _check_valid_tokens(valid_tokens: object, device: torch.device) -> torch.Ten
             f"valid_tokens must hold one int32/int64 value, got shape {tuple(valid_tokens.shape)} dtype {valid_tokens.dtype}"
         )
     if valid_tokens.device != device:
-        raise ValueError(f"valid_tokens must be on {device} like topk_ids, got {valid_tokens.device}")
+        raise ValueError(f"valid_tokens must be on {device} like {like}, got {valid_tokens.device}")
     return valid_tokens.reshape(1)
 
 
@@ -226,8 +226,8 @@ def sort_slots_triton(
     fill_len = out.sorted_ids.numel() if out.sorted_ids is not None else 0
     fill_per_program = _cdiv(_cdiv(fill_len, n_chunks), _FILL_BLOCK) * _FILL_BLOCK
     max_tokens = numel // top_k if top_k else 0
-
-    _rank_kernel[(n_chunks,)](
+    # The slots and their keys, as both passes over the ids read them (their leading parameters).
+    slot_args = (
         ids,
         valid_tokens if valid_tokens is not None else dummy,
         numel,
@@ -236,14 +236,18 @@ def sort_slots_triton(
         key_map if key_map is not None else dummy,
         key_map.numel() if key_map is not None else 0,
         num_keys,
+    )
+    slot_flags = dict(HAS_VALID=valid_tokens is not None, HAS_KEY_MAP=key_map is not None)
+
+    _rank_kernel[(n_chunks,)](
+        *slot_args,
         counts,
         ranks,
         out.sorted_ids if out.sorted_ids is not None else dummy,
         fill_len,
         out.sentinel,
         fill_per_program,
-        HAS_VALID=valid_tokens is not None,
-        HAS_KEY_MAP=key_map is not None,
+        **slot_flags,
         CHUNK=chunk,
         SUB=sub,
         FILL_BLOCK=_FILL_BLOCK,
@@ -264,14 +268,7 @@ def sort_slots_triton(
     n_blocks = out.block_keys.numel() // out.block_repeat if out.block_keys is not None else 0
     n_block_programs = _cdiv(n_blocks, _BLOCKS_PER_PROGRAM)
     _place_kernel[(n_chunks + n_block_programs,)](
-        ids,
-        valid_tokens if valid_tokens is not None else dummy,
-        numel,
-        max_tokens,
-        top_k,
-        key_map if key_map is not None else dummy,
-        key_map.numel() if key_map is not None else 0,
-        num_keys,
+        *slot_args,
         block,
         counts,
         ranks,
@@ -285,8 +282,7 @@ def sort_slots_triton(
         n_blocks,
         out.block_tail,
         out.block_key_map if out.block_key_map is not None else dummy,
-        HAS_VALID=valid_tokens is not None,
-        HAS_KEY_MAP=key_map is not None,
+        **slot_flags,
         HAS_SORTED=out.sorted_ids is not None,
         HAS_INV=out.inv is not None,
         HAS_NTPP=out.num_tokens_post_padded is not None,

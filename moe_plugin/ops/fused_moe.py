@@ -46,6 +46,8 @@ import torch
 from ..config import FP8_DTYPE, QuantConfig, ScaleFormat, is_gated
 from ._dispatch import triton_available, use_triton
 from ._jit import cast_for_store, kernel
+from .align import _cdiv, _next_pow2
+from .moe_sum import moe_sum
 
 try:
     import triton
@@ -68,14 +70,6 @@ SLOT_ROUTING_MAX_SLOTS = 256
 """Largest ``M * top_k`` the slot routing accepts (its prologue compares every slot id in registers)."""
 
 _ACTIVATIONS = ("silu", "gelu", "swiglu", "relu2")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # ====================================================================================================
@@ -733,60 +727,6 @@ if tl is not None:
                 else:
                     tl.store(c_ptrs, cast_for_store(out, c_ptr.dtype.element_ty, INTERPRET), mask=c_mask)
 
-    @kernel
-    def _moe_reduce_kernel(
-        y_ptr,
-        out_ptr,
-        topk_ids_ptr,
-        expert_map_ptr,
-        valid_ptr,
-        num_tokens,
-        K,
-        num_experts,
-        stride_ys,
-        stride_ym,
-        stride_yk,
-        stride_om,
-        stride_ok,
-        TOP_K: tl.constexpr,
-        SPLIT_K: tl.constexpr,
-        HAS_MAP: tl.constexpr,
-        HAS_VALID: tl.constexpr,
-        BLOCK_T: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        INTERPRET: tl.constexpr,
-    ):
-        # Sum over the top-k slots (and split-K partials) of each token; remote slots were never
-        # computed, so they are skipped here instead of being zero-filled by the GEMMs.
-        pid_t = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        n_tok = num_tokens
-        if HAS_VALID:
-            n_tok = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 0), num_tokens)
-        toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        t_mask = toks < n_tok
-        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-        k_mask = cols < K
-        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-        for j in tl.static_range(TOP_K):
-            slot = toks.to(tl.int64) * TOP_K + j
-            e = tl.load(topk_ids_ptr + slot, mask=t_mask, other=-1)
-            if HAS_MAP:
-                e = tl.load(expert_map_ptr + e, mask=t_mask & (e >= 0), other=-1)
-            ok = t_mask & (e >= 0) & (e < num_experts)
-            for sp in tl.static_range(SPLIT_K):
-                y = tl.load(
-                    y_ptr + sp * stride_ys + slot[:, None] * stride_ym + cols[None, :] * stride_yk,
-                    mask=ok[:, None] & k_mask[None, :],
-                    other=0.0,
-                )
-                acc += y.to(tl.float32)
-        tl.store(
-            out_ptr + toks.to(tl.int64)[:, None] * stride_om + cols[None, :] * stride_ok,
-            cast_for_store(acc, out_ptr.dtype.element_ty, INTERPRET),
-            mask=t_mask[:, None] & k_mask[None, :],
-        )
-
 
 # ====================================================================================================
 # launching one GEMM
@@ -916,12 +856,7 @@ def invoke_moe_gemm(
         (cm, cn), ce, cs = c.stride(), 0, 0
     ase, asm, ask = _act_scale_strides(a_scale, quant_mode)
     bse, bsn, bsk = _weight_scale_strides(b_scale, quant_mode)
-    if c_scale is None:
-        cse, csm, csk = 0, 0, 0
-    elif c_scale.dim() == 3:
-        cse, csm, csk = c_scale.stride(0), c_scale.stride(1), c_scale.stride(2)
-    else:
-        cse, csm, csk = 0, c_scale.stride(0), c_scale.stride(1)
+    cse, csm, csk = _strides3(c_scale) if c_scale is not None else (0, 0, 0)
 
     dummy = routing.ntpp if routing.ntpp is not None else (
         routing.slot_ids if routing.slot_ids is not None else routing.expert_num_tokens
@@ -1005,58 +940,6 @@ def invoke_moe_gemm(
     _FITTED_STAGES[key] = stages
 
 
-def moe_reduce(
-    y: torch.Tensor,
-    out: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    expert_map: torch.Tensor | None,
-    num_experts: int,
-    valid: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``out[t] = sum_j y[t * k + j]`` over the slots whose expert is local (fp32 accumulation).
-
-    ``y`` is ``[S, K]`` or ``[split_k, S, K]`` (partials, summed too). With ``valid`` (device scalar)
-    only the first ``valid`` rows of ``out`` are written.
-    """
-    m, top_k = topk_ids.shape
-    k_dim = out.shape[-1]
-    if m == 0 or k_dim == 0:
-        return out
-    if y.dim() == 2:
-        y3 = y.unsqueeze(0)
-    else:
-        y3 = y
-    block_k = min(_next_pow2(k_dim), 1024)
-    block_t = max(2, min(_next_pow2(m), 4096 // block_k, 16))
-    grid = (_cdiv(m, block_t), _cdiv(k_dim, block_k))
-    dummy = topk_ids
-    _moe_reduce_kernel[grid](
-        y3,
-        out,
-        topk_ids,
-        expert_map if expert_map is not None else dummy,
-        valid if valid is not None else dummy,
-        m,
-        k_dim,
-        num_experts,
-        y3.stride(0),
-        y3.stride(1),
-        y3.stride(2),
-        out.stride(0),
-        out.stride(1),
-        TOP_K=top_k,
-        SPLIT_K=y3.shape[0],
-        HAS_MAP=expert_map is not None,
-        HAS_VALID=valid is not None,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        INTERPRET=out.device.type == "cpu",
-        num_warps=4,
-    )
-    return out
-
-
 # ====================================================================================================
 # the experts pipelines
 
@@ -1101,6 +984,109 @@ def intermediate_bytes(rows: int, n: int, model_dtype: torch.dtype, quant: Quant
 
 def _fuses_out_quant(quant: QuantConfig, gemm1: GemmLaunch) -> bool:
     return quant.is_fp8_block and gemm1.block_n % quant.block_shape[1] == 0
+
+
+def _block_k_within_group(config: LaunchConfig, quant: QuantConfig) -> tuple[GemmLaunch, GemmLaunch]:
+    """Both GEMMs' launches with ``block_k`` at most the FP8 block scales' K group (one scale per K step)."""
+    g1, g2 = config.gemm1, config.gemm2
+    if quant.is_fp8_block:
+        gk = quant.block_shape[1]
+        g1 = replace(g1, block_k=min(g1.block_k, gk))
+        g2 = replace(g2, block_k=min(g2.block_k, gk))
+    return g1, g2
+
+
+def _intermediate(
+    workspace2: torch.Tensor | None,
+    lead: tuple[int, ...],
+    n_inter: int,
+    model_dtype: torch.dtype,
+    quant: QuantConfig,
+    gemm1: GemmLaunch,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GEMM1's output ``[*lead, n_inter]`` carved from ``workspace2``: FP8 plus its group scales when GEMM1's
+    epilogue quantizes (scales not None), else in the model dtype."""
+    rows = math.prod(lead)
+    fused_q = _fuses_out_quant(quant, gemm1)
+    raw2 = _bytes_view(workspace2, intermediate_bytes(rows, n_inter, model_dtype, quant, fused_q), device)
+    if not fused_q:
+        a2, _ = _carve(raw2, 0, (*lead, n_inter), model_dtype)
+        return a2, None
+    a2, off = _carve(raw2, 0, (*lead, n_inter), FP8_DTYPE)
+    a2_s, _ = _carve(raw2, off, (*lead, _cdiv(n_inter, quant.block_shape[1])), torch.float32)
+    return a2, a2_s
+
+
+def _two_gemms(
+    a1: torch.Tensor,
+    a1_scale: torch.Tensor | None,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    a2: torch.Tensor,
+    a2_s: torch.Tensor | None,
+    y: torch.Tensor,
+    routing: Routing,
+    g1: GemmLaunch,
+    g2: GemmLaunch,
+    *,
+    a1_row_div: int,
+    quant_a1: bool,
+    activation: str,
+    quant: QuantConfig,
+    w1_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
+    a2_scale: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    persistent: bool,
+) -> None:
+    """GEMM1 + activation into ``a2`` (``_intermediate``'s buffers), the activation's quantization where
+    GEMM1's epilogue did not do it, and GEMM2 into ``y`` (times ``topk_weights`` when given)."""
+    qmode = _quant_mode(quant)
+    fused_q = a2_s is not None
+    ue8m0 = quant.scale_format is ScaleFormat.UE8M0
+    invoke_moe_gemm(
+        a1,
+        w1,
+        a2,
+        routing,
+        g1,
+        a_row_div=a1_row_div,
+        activation=activation,
+        quant_mode=qmode,
+        a_scale=a1_scale,
+        b_scale=w1_scale,
+        block_shape=quant.block_shape,
+        c_scale=a2_s,
+        out_group=quant.block_shape[1] if quant.block_shape is not None else 128,
+        quant_a=quant_a1,
+        ue8m0=ue8m0,
+        persistent=persistent,
+    )
+    quant_a = quant.is_fp8_block and not fused_q
+    if quant_a:
+        g2 = replace(g2, block_k=quant.block_shape[1])
+    elif quant.is_quantized and not fused_q:
+        from .scheme import quantize_activation
+
+        a2, a2_s = quantize_activation(a2, quant, a2_scale)
+    invoke_moe_gemm(
+        a2,
+        w2,
+        y,
+        routing,
+        g2,
+        a_row_div=1,
+        activation="none",
+        quant_mode=qmode,
+        a_scale=a2_s,
+        b_scale=w2_scale,
+        block_shape=quant.block_shape,
+        quant_a=quant_a,
+        ue8m0=ue8m0,
+        topk_weights=topk_weights,
+        persistent=persistent,
+    )
 
 
 def resolve_routing_mode(cfg: LaunchConfig, slots: int) -> str:
@@ -1164,12 +1150,7 @@ def experts_standard(
             quant=quant,
             device=device,
         )
-    g1, g2 = config.gemm1, config.gemm2
-    if quant.is_fp8_block:
-        gk = quant.block_shape[1]
-        if g1.block_k > gk or g2.block_k > gk:
-            g1 = replace(g1, block_k=min(g1.block_k, gk))
-            g2 = replace(g2, block_k=min(g2.block_k, gk))
+    g1, g2 = _block_k_within_group(config, quant)
     bm = g1.block_m
     topk_ids = topk_ids.to(torch.int32).contiguous()
     ids = topk_ids.view(-1)
@@ -1212,7 +1193,6 @@ def experts_standard(
             valid=valid_tokens,
         )
 
-    qmode = _quant_mode(quant)
     quant_a1 = False
     if quant.is_quantized and a1q.dtype != FP8_DTYPE:
         if quant.is_fp8_block and bm <= 32:
@@ -1224,64 +1204,37 @@ def experts_standard(
             from .scheme import quantize_activation
 
             a1q, a1q_scale = quantize_activation(a1q, quant, a1_scale)
-    fused_q = _fuses_out_quant(quant, g1)
-    raw2 = _bytes_view(workspace2, intermediate_bytes(slots, n_inter, out.dtype, quant, fused_q), device)
-    if fused_q:
-        a2, off = _carve(raw2, 0, (slots, n_inter), FP8_DTYPE)
-        a2_s, _ = _carve(raw2, off, (slots, _cdiv(n_inter, quant.block_shape[1])), torch.float32)
-    else:
-        a2, _ = _carve(raw2, 0, (slots, n_inter), out.dtype)
-        a2_s = None
-
-    invoke_moe_gemm(
-        a1q,
-        w1,
-        a2,
-        routing,
-        g1,
-        a_row_div=top_k,
-        activation=activation,
-        quant_mode=qmode,
-        a_scale=a1q_scale,
-        b_scale=w1_scale,
-        block_shape=quant.block_shape,
-        c_scale=a2_s,
-        out_group=quant.block_shape[1] if quant.block_shape is not None else 128,
-        quant_a=quant_a1,
-        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
-        persistent=config.persistent,
-    )
-    quant_a = quant.is_fp8_block and not fused_q
-    if quant_a:
-        g2 = replace(g2, block_k=quant.block_shape[1])
-    elif quant.is_quantized and not fused_q:
-        from .scheme import quantize_activation
-
-        a2, a2_s = quantize_activation(a2, quant, a2_scale)
-
+    a2, a2_s = _intermediate(workspace2, (slots,), n_inter, out.dtype, quant, g1, device)
     if g2.split_k > 1:
         y = torch.empty((g2.split_k, slots, k_dim), dtype=torch.float32, device=device)
     else:
         raw13 = _bytes_view(workspace13, slots * k_dim * out.element_size(), device)
         y, _ = _carve(raw13, 0, (slots, k_dim), out.dtype)
-    invoke_moe_gemm(
-        a2,
+    _two_gemms(
+        a1q,
+        a1q_scale,
+        w1,
         w2,
+        a2,
+        a2_s,
         y,
         routing,
+        g1,
         g2,
-        a_row_div=1,
-        activation="none",
-        quant_mode=qmode,
-        a_scale=a2_s,
-        b_scale=w2_scale,
-        block_shape=quant.block_shape,
-        quant_a=quant_a,
-        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        a1_row_div=top_k,
+        quant_a1=quant_a1,
+        activation=activation,
+        quant=quant,
+        w1_scale=w1_scale,
+        w2_scale=w2_scale,
+        a2_scale=a2_scale,
         topk_weights=topk_weights.reshape(-1).contiguous() if mul_routed_weight else None,
         persistent=config.persistent,
     )
-    moe_reduce(y, out, topk_ids, expert_map=emap, num_experts=num_local, valid=valid_tokens)
+    moe_sum(
+        y.unflatten(-2, (m, top_k)), out, topk_ids=topk_ids, num_experts=num_local, expert_map=emap,
+        valid_tokens=valid_tokens,
+    )
     return out
 
 
@@ -1323,11 +1276,7 @@ def experts_batched(
             device=device,
             batched=True,
         )
-    g1, g2 = config.gemm1, config.gemm2
-    if quant.is_fp8_block:
-        gk = quant.block_shape[1]
-        g1 = replace(g1, block_k=min(g1.block_k, gk))
-        g2 = replace(g2, block_k=min(g2.block_k, gk))
+    g1, g2 = _block_k_within_group(config, quant)
     if g2.split_k != 1:
         g2 = replace(g2, split_k=1)
     counts = expert_num_tokens.to(torch.int32).contiguous()
@@ -1340,57 +1289,30 @@ def experts_batched(
         num_local * _cdiv(rows, g1.block_m),
         expert_num_tokens=counts,
     )
-    qmode = _quant_mode(quant)
-    fused_q = _fuses_out_quant(quant, g1)
-    total_rows = num_local * t_rows
-    raw2 = _bytes_view(workspace2, intermediate_bytes(total_rows, n_inter, out.dtype, quant, fused_q), device)
-    if fused_q:
-        a2, off = _carve(raw2, 0, (num_local, t_rows, n_inter), FP8_DTYPE)
-        a2_s, _ = _carve(raw2, off, (num_local, t_rows, _cdiv(n_inter, quant.block_shape[1])), torch.float32)
-    else:
-        a2, _ = _carve(raw2, 0, (num_local, t_rows, n_inter), out.dtype)
-        a2_s = None
-        if quant.is_quantized and quant.block_shape is None and not quant.per_act_token and a2_scale is None:
-            # A dynamic per-tensor scale reads every row: rows past the counts must not hold garbage.
-            a2.zero_()
-    invoke_moe_gemm(
+    a2, a2_s = _intermediate(workspace2, (num_local, t_rows), n_inter, out.dtype, quant, g1, device)
+    if quant.is_quantized and quant.block_shape is None and not quant.per_act_token and a2_scale is None:
+        # A dynamic per-tensor scale reads every row: rows past the counts must not hold garbage (the
+        # intermediate is in the model dtype here: only block scales quantize in GEMM1's epilogue).
+        a2.zero_()
+    _two_gemms(
         a1q,
+        a1q_scale,
         w1,
-        a2,
-        routing,
-        g1,
-        a_row_div=1,
-        activation=activation,
-        quant_mode=qmode,
-        a_scale=a1q_scale,
-        b_scale=w1_scale,
-        block_shape=quant.block_shape,
-        c_scale=a2_s,
-        out_group=quant.block_shape[1] if quant.block_shape is not None else 128,
-        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
-        persistent=config.persistent,
-    )
-    quant_a = quant.is_fp8_block and not fused_q
-    if quant_a:
-        g2 = replace(g2, block_k=quant.block_shape[1])
-    elif quant.is_quantized and not fused_q:
-        from .scheme import quantize_activation
-
-        a2, a2_s = quantize_activation(a2, quant, a2_scale)
-    invoke_moe_gemm(
-        a2,
         w2,
+        a2,
+        a2_s,
         out,
         routing,
+        g1,
         g2,
-        a_row_div=1,
-        activation="none",
-        quant_mode=qmode,
-        a_scale=a2_s,
-        b_scale=w2_scale,
-        block_shape=quant.block_shape,
-        quant_a=quant_a,
-        ue8m0=quant.scale_format is ScaleFormat.UE8M0,
+        a1_row_div=1,
+        quant_a1=False,
+        activation=activation,
+        quant=quant,
+        w1_scale=w1_scale,
+        w2_scale=w2_scale,
+        a2_scale=a2_scale,
+        topk_weights=None,
         persistent=config.persistent,
     )
     return out
@@ -1429,13 +1351,12 @@ def fused_experts_triton(
     is left as it was), so one captured graph serves every batch size. ``num_tokens_hint`` (typical batch)
     sizes the launch grids and picks the launch config; programs loop when a batch outgrows it.
     """
-    from ..functional import infer_quant
+    from ..functional import infer_global_num_experts, infer_quant
     from ..modular import ExpertWeights
     from ..validation import check_moe_inputs
 
     quant = infer_quant(w1, w1_scale, quant, None)
-    if global_num_experts is None or global_num_experts == -1:
-        global_num_experts = expert_map.shape[0] if expert_map is not None else w1.shape[0]
+    global_num_experts = infer_global_num_experts(global_num_experts, expert_map, w1)
     if check_inputs:
         topk_weights, topk_ids = check_moe_inputs(
             hidden_states,
@@ -1514,5 +1435,4 @@ __all__ = [
     "heuristic_config",
     "invoke_moe_gemm",
     "lookup_config_file",
-    "moe_reduce",
 ]

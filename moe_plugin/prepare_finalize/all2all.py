@@ -48,8 +48,8 @@ from ..distributed import (
 )
 from ..modular import (
     ActivationFormat,
+    AsyncPrepareAndFinalize,
     ExpertTokensMetadata,
-    PrepareAndFinalize,
     PreparedTokens,
     TopKWeightAndReduce,
     WeightAndReduceContiguous,
@@ -243,7 +243,7 @@ class DispatchHandle:
     """Batched only: where each received slot sits in ``[E_local, T, K]``."""
 
 
-class AllToAllPrepareAndFinalize(PrepareAndFinalize):
+class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
     """Expert parallelism with ``all_to_all_single`` (Standard format): ``a1 [R, K]`` received rows with
     their global ``topk_ids`` / ``topk_weights``; combine sums each token's partials at its origin.
 
@@ -464,9 +464,6 @@ class AllToAllPrepareAndFinalize(PrepareAndFinalize):
             expert_tokens_meta=meta, handle=handle,
         )
 
-    def prepare(self, hidden_states, topk_weights, topk_ids, **kwargs) -> PreparedTokens:
-        return self.prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)()
-
     # ---- combine -----------------------------------------------------------------------------------
     def _partial_sums(self, fused_expert_output, prepared, out_dtype, apply_router_weight_on_input, weight_and_reduce):
         """``[R, K]`` in the model dtype: each received row's expert outputs weighted and summed over the
@@ -516,9 +513,6 @@ class AllToAllPrepareAndFinalize(PrepareAndFinalize):
             output.copy_(acc)
 
         return finish
-
-    def finalize(self, output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs) -> None:
-        self.finalize_async(output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs)()
 
 
 class BatchedAllToAllPrepareAndFinalize(AllToAllPrepareAndFinalize):

@@ -1,12 +1,14 @@
 """Pieces shared by the DeepEP prepare/finalize backends (``deepep_ht``, ``deepep_ll``).
 
-Two kinds of code live here:
+Three kinds of code live here:
 
 - plain-torch functions that turn what DeepEP documents it returns into moe_plugin's formats (expert id
   conversion, token counts, UE8M0 scale packing, the low-latency limits). They run on any device, so the
   CPU test suite covers them without DeepEP;
 - the ``deep_ep.Buffer`` cache: one buffer per (process group, mode), sized from DeepEP's own size hints,
-  grown when a layer needs more, and released by ``release_buffers()`` (also registered with ``atexit``).
+  grown when a layer needs more, and released by ``release_buffers()`` (also registered with ``atexit``);
+- ``DeepEPPrepareAndFinalizeBase``, what both backends do alike: the EP group, the expert renumbering,
+  the buffer request, chunk agreement and the checks every dispatch makes.
 
 Targets DeepEP's V1 API (``deep_ep.Buffer``, NVSHMEM-based; the last V1 commit on main, 567632d, or the tag
 v1.2.1). DeepEP main is now V2 (``deep_ep.ElasticBuffer``, NCCL-based), which this module does not drive.
@@ -22,13 +24,15 @@ import atexit
 import logging
 import os
 import threading
+from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from ..config import ExpertPlacement, MoEConfig, ParallelConfig, QuantConfig, QuantScheme
 from ..distributed import EPGroup, local_expert_ids
+from ..modular import AsyncPrepareAndFinalize
 
 logger = logging.getLogger(__name__)
 
@@ -469,3 +473,78 @@ def quantize_for_dispatch(
         q, s = quantize_activation(x, quant, static_scale)
         return q.contiguous(), s.reshape(x.shape[0], -1).float().contiguous(), True
     return x, None, False
+
+
+# ---- the backends' common part ---------------------------------------------------------------------------
+
+
+class DeepEPPrepareAndFinalizeBase(AsyncPrepareAndFinalize):
+    """The part of the DeepEP prepare/finalize backends that does not depend on the mode.
+
+    Subclasses name the mode (``low_latency``, ``mode_name``), say which configs it cannot serve
+    (``_mode_problems``) and how large a buffer it wants (``_buffer_sizes``).
+    """
+
+    required_modules = ("deep_ep",)
+    low_latency: ClassVar[bool]
+    mode_name: ClassVar[str]
+    """``"high-throughput"`` or ``"low-latency"`` (error messages)."""
+
+    def __init__(self, config: MoEConfig, group: Any = None):
+        super().__init__(config.quant)
+        self.config = config
+        self.group = group
+        self.world_size = config.parallel.ep_size
+        self.physical = physical_expert_ids(config.num_experts, config.parallel)
+        self.ep = None
+        self._buffer_request: dict | None = None
+        self._deep_ep: Any = None
+
+    @classmethod
+    @abstractmethod
+    def _mode_problems(cls, config: MoEConfig) -> list[str]:
+        """Every reason this mode's kernels cannot serve ``config`` (empty when they can)."""
+
+    @abstractmethod
+    def _buffer_sizes(self) -> dict:
+        """``get_buffer``'s arguments other than the group (``self._deep_ep`` is imported)."""
+
+    @classmethod
+    def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
+        if not config.parallel.use_ep:
+            return False, "ep_size=1: nothing to dispatch (DeepEP serves expert parallelism)"
+        problems = capability_problems(caps, config, low_latency=cls.low_latency) or cls._mode_problems(config)
+        return (False, "; ".join(problems)) if problems else (True, "")
+
+    def _resolve_group(self) -> "DeepEPPrepareAndFinalizeBase":
+        # At construction, so that a gloo / mismatched group fails there, not mid-forward.
+        self.ep = check_group(self.group, self.config.parallel)
+        return self
+
+    @property
+    def num_dispatchers(self) -> int:
+        return self.world_size
+
+    def agree_num_chunks(self, num_chunks: int, device: torch.device) -> int:
+        self._ensure_buffer()
+        return agree_num_chunks(self.ep, num_chunks)
+
+    def _ensure_buffer(self) -> Any:
+        """This layer's buffer, from the shared cache every call: another layer may have grown (replaced)
+        it since."""
+        if self._buffer_request is None:
+            self._deep_ep = import_deep_ep()
+            if self.ep is None:
+                self.ep = check_group(self.group, self.config.parallel)
+            self._buffer_request = dict(group=process_group(self.ep), **self._buffer_sizes())
+        return get_buffer(**self._buffer_request)
+
+    def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        if hidden_states.device.type != "cuda":
+            raise ValueError(f"DeepEP dispatches CUDA tensors, hidden_states is on {hidden_states.device}")
+        if hidden_states.dtype != torch.bfloat16:
+            raise TypeError(f"DeepEP {self.mode_name} mode needs bfloat16 hidden_states, got {hidden_states.dtype}")
+
+    def _check_num_experts(self, num_experts: int) -> None:
+        if num_experts != self.config.num_experts:
+            raise ValueError(f"num_experts={num_experts} differs from the config's {self.config.num_experts}")

@@ -31,7 +31,6 @@ from ..distributed import local_expert_ids
 from ..modular import (
     ActivationFormat,
     ExpertTokensMetadata,
-    PrepareAndFinalize,
     PreparedTokens,
     TopKWeightAndReduce,
     WeightAndReduceContiguous,
@@ -41,17 +40,11 @@ from ..modular import (
 from ..ops.scheme import quantize_activation
 from .deepep_common import (
     HT_INTRANODE_RANKS,
-    agree_num_chunks,
-    capability_problems,
-    check_group,
+    DeepEPPrepareAndFinalizeBase,
     count_local_tokens,
-    get_buffer,
     high_throughput_problems,
     ht_buffer_bytes,
-    import_deep_ep,
-    process_group,
     local_to_global_ids,
-    physical_expert_ids,
     quantize_for_dispatch,
     to_deepep_ids,
     topk_idx_dtype,
@@ -101,7 +94,7 @@ def reduce_before_combine(
     return reduced.to(torch.bfloat16).contiguous()
 
 
-class DeepEPHTPrepareAndFinalize(PrepareAndFinalize):
+class DeepEPHTPrepareAndFinalize(DeepEPPrepareAndFinalizeBase):
     """DeepEP high-throughput dispatch/combine producing the Standard format.
 
     ``group``: the EP process group (NCCL; default: the default group). ``num_worst_tokens`` (intranode
@@ -111,10 +104,10 @@ class DeepEPHTPrepareAndFinalize(PrepareAndFinalize):
 
     name = "deepep_ht"
     activation_format = ActivationFormat.STANDARD
-    required_modules = ("deep_ep",)
+    low_latency = False
+    mode_name = "high-throughput"
 
     def __init__(self, config: MoEConfig, group: Any = None, *, num_worst_tokens: int = 0):
-        super().__init__(config.quant)
         problems = high_throughput_problems(config)
         if problems:
             raise ValueError("DeepEP high-throughput mode cannot serve this layer: " + "; ".join(problems))
@@ -124,60 +117,28 @@ class DeepEPHTPrepareAndFinalize(PrepareAndFinalize):
             raise ValueError(
                 f"num_worst_tokens is intranode only ({HT_INTRANODE_RANKS} ranks), got ep_size={config.parallel.ep_size}"
             )
-        self.config = config
-        self.group = group
+        super().__init__(config, group)
         self.num_worst_tokens = num_worst_tokens
-        self.world_size = config.parallel.ep_size
         self.num_local_experts = config.num_local_experts
         self.local_global_ids = torch.tensor(local_expert_ids(config.num_experts, config.parallel), dtype=torch.int64)
-        self.physical = physical_expert_ids(config.num_experts, config.parallel)
-        self.ep = None
-        self._buffer_request: dict | None = None
-        self._deep_ep: Any = None
 
     @classmethod
-    def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
-        if not config.parallel.use_ep:
-            return False, "ep_size=1: nothing to dispatch (DeepEP serves expert parallelism)"
-        device_problems = capability_problems(caps, config, low_latency=False)
-        if device_problems:
-            return False, "; ".join(device_problems)
-        problems = high_throughput_problems(config)
-        if problems:
-            return False, "; ".join(problems)
-        return True, ""
+    def _mode_problems(cls, config: MoEConfig) -> list[str]:
+        return high_throughput_problems(config)
 
     @classmethod
     def from_config(cls, config: MoEConfig, group: Any = None, num_worst_tokens: int = 0, **_) -> "DeepEPHTPrepareAndFinalize":
-        pf = cls(config, group, num_worst_tokens=num_worst_tokens)
-        # Resolve the group now so a gloo / mismatched group fails at construction, not mid-forward.
-        pf.ep = check_group(group, config.parallel)
-        return pf
-
-    @property
-    def num_dispatchers(self) -> int:
-        return self.world_size
+        return cls(config, group, num_worst_tokens=num_worst_tokens)._resolve_group()
 
     def max_num_tokens_per_rank(self) -> int | None:
         return self.num_worst_tokens // self.world_size if self.num_worst_tokens else None
 
-    def agree_num_chunks(self, num_chunks: int, device: torch.device) -> int:
-        self._ensure_buffer()
-        return agree_num_chunks(self.ep, num_chunks)
-
     # ---- DeepEP calls (thin) -----------------------------------------------------------------------------
 
-    def _ensure_buffer(self) -> Any:
-        """This layer's buffer, from the shared cache every call: another layer may have grown (replaced)
-        it since."""
-        if self._buffer_request is None:
-            self._deep_ep = import_deep_ep()
-            if self.ep is None:
-                self.ep = check_group(self.group, self.config.parallel)
-            # Combine moves bf16 rows: the widest payload either way.
-            nvl, rdma = ht_buffer_bytes(self._deep_ep, self.world_size, self.config.hidden_size * 2)
-            self._buffer_request = dict(group=process_group(self.ep), mode="ht", num_nvl_bytes=nvl, num_rdma_bytes=rdma)
-        return get_buffer(**self._buffer_request)
+    def _buffer_sizes(self) -> dict:
+        # Combine moves bf16 rows: the widest payload either way.
+        nvl, rdma = ht_buffer_bytes(self._deep_ep, self.world_size, self.config.hidden_size * 2)
+        return dict(mode="ht", num_nvl_bytes=nvl, num_rdma_bytes=rdma)
 
     def _dispatch(self, payload, ids: torch.Tensor, weights: torch.Tensor, num_experts: int):
         buffer = self._ensure_buffer()
@@ -215,18 +176,11 @@ class DeepEPHTPrepareAndFinalize(PrepareAndFinalize):
 
     # ---- prepare -------------------------------------------------------------------------------------------
 
-    def prepare(self, hidden_states, topk_weights, topk_ids, **kwargs) -> PreparedTokens:
-        return self.prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)()
-
     def prepare_async(
         self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map, apply_router_weight_on_input, a1_scale
     ) -> Callable[[], PreparedTokens]:
-        if hidden_states.device.type != "cuda":
-            raise ValueError(f"DeepEP dispatches CUDA tensors, hidden_states is on {hidden_states.device}")
-        if hidden_states.dtype != torch.bfloat16:
-            raise TypeError(f"DeepEP high-throughput mode needs bfloat16 hidden_states, got {hidden_states.dtype}")
-        if num_experts != self.config.num_experts:
-            raise ValueError(f"num_experts={num_experts} differs from the config's {self.config.num_experts}")
+        self._check_hidden_states(hidden_states)
+        self._check_num_experts(num_experts)
         if not self.num_worst_tokens and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
                 "DeepEP high-throughput dispatch synchronises with the host and cannot be captured in a CUDA "
@@ -277,9 +231,6 @@ class DeepEPHTPrepareAndFinalize(PrepareAndFinalize):
         )
 
     # ---- finalize ------------------------------------------------------------------------------------------
-
-    def finalize(self, output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs) -> None:
-        self.finalize_async(output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs)()
 
     def finalize_async(
         self,

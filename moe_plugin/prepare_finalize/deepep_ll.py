@@ -31,21 +31,14 @@ from ..config import MoEConfig, ScaleFormat
 from ..modular import (
     ActivationFormat,
     ExpertTokensMetadata,
-    PrepareAndFinalize,
     PreparedTokens,
     TopKWeightAndReduce,
     WeightAndReduceDelegate,
 )
 from .deepep_common import (
-    agree_num_chunks,
-    capability_problems,
-    check_group,
+    DeepEPPrepareAndFinalizeBase,
     check_low_latency,
-    get_buffer,
-    import_deep_ep,
-    process_group,
     low_latency_problems,
-    physical_expert_ids,
     to_deepep_ids,
     topk_idx_dtype,
 )
@@ -62,7 +55,7 @@ class _LLHandle:
         self.ids = ids
 
 
-class DeepEPLLPrepareAndFinalize(PrepareAndFinalize):
+class DeepEPLLPrepareAndFinalize(DeepEPPrepareAndFinalizeBase):
     """DeepEP low-latency dispatch/combine producing the Batched format.
 
     ``group``: the EP process group (NCCL; default: the default group). ``max_num_tokens`` defaults to
@@ -73,27 +66,21 @@ class DeepEPLLPrepareAndFinalize(PrepareAndFinalize):
 
     name = "deepep_ll"
     activation_format = ActivationFormat.BATCHED
-    required_modules = ("deep_ep",)
+    low_latency = True
+    mode_name = "low-latency"
 
     def __init__(self, config: MoEConfig, group: Any = None, *, max_num_tokens: int | None = None, pack_ue8m0: bool = False):
-        super().__init__(config.quant)
         max_num_tokens = config.max_num_tokens if max_num_tokens is None else max_num_tokens
         if not isinstance(max_num_tokens, int) or max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be a positive int, got {max_num_tokens!r}")
         check_low_latency(**self._limits(config, max_num_tokens))
         if pack_ue8m0 and config.quant.scale_format is not ScaleFormat.UE8M0:
             raise ValueError("pack_ue8m0=True needs QuantConfig(scale_format='ue8m0')")
-        self.config = config
-        self.group = group
+        super().__init__(config, group)
         self.max_num_tokens = max_num_tokens
-        self.world_size = config.parallel.ep_size
         self.use_fp8 = config.quant.is_fp8_block
         self.round_scale = self.use_fp8 and config.quant.scale_format is ScaleFormat.UE8M0
         self.pack_ue8m0 = pack_ue8m0
-        self.physical = physical_expert_ids(config.num_experts, config.parallel)
-        self.ep = None
-        self._buffer_request: dict | None = None
-        self._deep_ep: Any = None
 
     @staticmethod
     def _limits(config: MoEConfig, max_num_tokens: int) -> dict:
@@ -108,58 +95,28 @@ class DeepEPLLPrepareAndFinalize(PrepareAndFinalize):
         )
 
     @classmethod
-    def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
-        if not config.parallel.use_ep:
-            return False, "ep_size=1: nothing to dispatch (DeepEP serves expert parallelism)"
-        device_problems = capability_problems(caps, config, low_latency=True)
-        if device_problems:
-            return False, "; ".join(device_problems)
-        problems = low_latency_problems(**cls._limits(config, config.max_num_tokens))
-        if problems:
-            return False, "; ".join(problems)
-        return True, ""
+    def _mode_problems(cls, config: MoEConfig) -> list[str]:
+        return low_latency_problems(**cls._limits(config, config.max_num_tokens))
 
     @classmethod
     def from_config(
         cls, config: MoEConfig, group: Any = None, max_num_tokens: int | None = None, pack_ue8m0: bool = False, **_
     ) -> "DeepEPLLPrepareAndFinalize":
-        pf = cls(config, group, max_num_tokens=max_num_tokens, pack_ue8m0=pack_ue8m0)
-        # Resolve the group now so a gloo / mismatched group fails at construction, not mid-forward.
-        pf.ep = check_group(group, config.parallel)
-        return pf
-
-    @property
-    def num_dispatchers(self) -> int:
-        return self.world_size
+        return cls(config, group, max_num_tokens=max_num_tokens, pack_ue8m0=pack_ue8m0)._resolve_group()
 
     def max_num_tokens_per_rank(self) -> int | None:
         return self.max_num_tokens
 
-    def agree_num_chunks(self, num_chunks: int, device: torch.device) -> int:
-        self._ensure_buffer()
-        return agree_num_chunks(self.ep, num_chunks)
-
     # ---- DeepEP calls (thin) -----------------------------------------------------------------------------
 
-    def _ensure_buffer(self) -> Any:
-        """This layer's buffer, from the shared cache every call: another layer may have grown (replaced)
-        it since."""
-        if self._buffer_request is None:
-            self._deep_ep = import_deep_ep()
-            if self.ep is None:
-                self.ep = check_group(self.group, self.config.parallel)
-            rdma = self._deep_ep.Buffer.get_low_latency_rdma_size_hint(
-                self.max_num_tokens, self.config.hidden_size, self.world_size, self.config.num_experts
-            )
-            # DeepEP documents that low-latency mode wants one queue pair per local expert.
-            self._buffer_request = dict(
-                group=process_group(self.ep),
-                mode="ll",
-                num_nvl_bytes=0,
-                num_rdma_bytes=int(rdma),
-                num_qps_per_rank=self.config.num_local_experts,
-            )
-        return get_buffer(**self._buffer_request)
+    def _buffer_sizes(self) -> dict:
+        rdma = self._deep_ep.Buffer.get_low_latency_rdma_size_hint(
+            self.max_num_tokens, self.config.hidden_size, self.world_size, self.config.num_experts
+        )
+        # DeepEP documents that low-latency mode wants one queue pair per local expert.
+        return dict(
+            mode="ll", num_nvl_bytes=0, num_rdma_bytes=int(rdma), num_qps_per_rank=self.config.num_local_experts
+        )
 
     def _dispatch(self, x: torch.Tensor, ids: torch.Tensor, num_experts: int):
         recv, counts, handle, _event, hook = self._ensure_buffer().low_latency_dispatch(
@@ -183,23 +140,16 @@ class DeepEPLLPrepareAndFinalize(PrepareAndFinalize):
 
     # ---- prepare -------------------------------------------------------------------------------------------
 
-    def prepare(self, hidden_states, topk_weights, topk_ids, **kwargs) -> PreparedTokens:
-        return self.prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)()
-
     def prepare_async(
         self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map, apply_router_weight_on_input, a1_scale
     ) -> Callable[[], PreparedTokens]:
-        if hidden_states.device.type != "cuda":
-            raise ValueError(f"DeepEP dispatches CUDA tensors, hidden_states is on {hidden_states.device}")
-        if hidden_states.dtype != torch.bfloat16:
-            raise TypeError(f"DeepEP low-latency mode needs bfloat16 hidden_states, got {hidden_states.dtype}")
+        self._check_hidden_states(hidden_states)
         if hidden_states.shape[0] > self.max_num_tokens:
             raise ValueError(
                 f"hidden_states has {hidden_states.shape[0]} tokens, more than max_num_tokens={self.max_num_tokens} "
                 "the DeepEP buffer holds; run it through ModularKernel, which chunks"
             )
-        if num_experts != self.config.num_experts:
-            raise ValueError(f"num_experts={num_experts} differs from the config's {self.config.num_experts}")
+        self._check_num_experts(num_experts)
         self._ensure_buffer()
         x = apply_weight_on_input(hidden_states, topk_weights, apply_router_weight_on_input).contiguous()
         ids = to_deepep_ids(topk_ids, self.physical, topk_idx_dtype(self._deep_ep))
@@ -220,9 +170,6 @@ class DeepEPLLPrepareAndFinalize(PrepareAndFinalize):
         return receive
 
     # ---- finalize ------------------------------------------------------------------------------------------
-
-    def finalize(self, output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs) -> None:
-        self.finalize_async(output, fused_expert_output, prepared, topk_weights, topk_ids, **kwargs)()
 
     def finalize_async(
         self,

@@ -133,6 +133,24 @@ def test_moe_sum_matches_cpu():
     torch.testing.assert_close(moe_sum(x.cuda()).cpu().float(), moe_sum(x).float(), rtol=2**-7, atol=1e-2)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+def test_moe_sum_routed_matches_cpu(splits):
+    # The Triton experts' reduction: remote slots skipped, split-K partials summed, valid count on the device.
+    m, k, h, e = 300, 8, 7168, 64
+    ids = routing(m, k, e, seed=5)
+    em = ep_map(e, 1, 4)
+    x = torch.randn(splits, m, k, h).to(torch.float32 if splits > 1 else torch.bfloat16)
+    valid = torch.tensor([250], dtype=torch.int32)
+    before = torch.full((m, h), 3.0, dtype=torch.bfloat16)
+    kw = dict(num_experts=e // 4)
+    got = moe_sum(
+        x.cuda(), before.cuda(), topk_ids=ids.cuda(), expert_map=em.cuda(), valid_tokens=valid.cuda(), **kw
+    ).cpu()
+    ref = moe_sum(x, before.clone(), topk_ids=ids, expert_map=em, valid_tokens=valid, **kw)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2**-7, atol=1e-2)
+    assert torch.equal(got[250:], before[250:])
+
+
 @pytest.mark.parametrize("name", ["silu_and_mul", "gelu_and_mul", "swiglu", "relu2"])
 def test_activations_match_cpu(name):
     x = (torch.randn(512, 2 * 2048) * 4).to(torch.bfloat16)
