@@ -1203,8 +1203,18 @@ def experts_standard(
         else:
             from .scheme import quantize_activation
 
+            per_tensor_dynamic = not quant.is_fp8_block and not quant.per_act_token and a1_scale is None
+            if per_tensor_dynamic and valid_tokens is not None:
+                # One scale over the whole tensor: rows past the valid count (padding of a captured
+                # graph) must not raise it. Masked on the device, so no host read.
+                rows = torch.arange(a1q.shape[0], device=device).unsqueeze(1)
+                a1q = torch.where(rows < valid_tokens.reshape(1, 1), a1q, torch.zeros((), dtype=a1q.dtype, device=device))
             a1q, a1q_scale = quantize_activation(a1q, quant, a1_scale)
     a2, a2_s = _intermediate(workspace2, (slots,), n_inter, out.dtype, quant, g1, device)
+    if quant.is_quantized and quant.block_shape is None and not quant.per_act_token and a2_scale is None:
+        # A dynamic per-tensor scale reads every row of the reused workspace: slots GEMM1 skips (remote
+        # experts, padding past the valid count) must read zero, not a previous call's values.
+        a2.zero_()
     if g2.split_k > 1:
         y = torch.empty((g2.split_k, slots, k_dim), dtype=torch.float32, device=device)
     else:
