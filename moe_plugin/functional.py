@@ -56,10 +56,10 @@ def infer_global_num_experts(global_num_experts: int | None, expert_map: torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel_for(config: MoEConfig, device: str) -> ModularKernel:
+def _kernel_for(config: MoEConfig, device: str, experts: str | None, prepare_finalize: str | None) -> ModularKernel:
     from .oracle import select_kernel
 
-    return select_kernel(config, device)
+    return select_kernel(config, device, experts=experts, prepare_finalize=prepare_finalize)
 
 
 def _chunk_size() -> int:
@@ -94,7 +94,13 @@ def _run(
         quant=quant,
         chunk_size=_chunk_size(),
     )
-    kernel = _kernel_for(config, str(x.device))
+    # The forced-backend variables are part of the key, so changing them takes effect on the next call.
+    kernel = _kernel_for(
+        config,
+        str(x.device),
+        os.environ.get("MOE_PLUGIN_EXPERTS") or None,
+        os.environ.get("MOE_PLUGIN_PREPARE_FINALIZE") or None,
+    )
     return kernel(
         x,
         ExpertWeights(w1, w2, w1_scale, w2_scale, a1_scale),

@@ -73,3 +73,16 @@ def test_info_cli():
         [sys.executable, "-m", "moe_plugin", "info", "--device", "cpu"], capture_output=True, text=True, check=True
     ).stdout
     assert "optional modules" in out and "chosen: prepare_finalize=local experts=torch" in out
+
+
+def test_fused_experts_follows_forced_backend_env(monkeypatch):
+    from moe_plugin import fused_experts
+    from moe_plugin.functional import _kernel_for
+    from test_fused_experts import make_case
+
+    x, w1, w2, w, ids = make_case(5, 4, 2, 16, 8)
+    fused_experts(x, w1, w2, w, ids)
+    monkeypatch.setenv("MOE_PLUGIN_EXPERTS", "nope")
+    with pytest.raises(ValueError, match="unknown experts backend 'nope'"):
+        fused_experts(x, w1, w2, w, ids)  # not served from the cache built before the variable was set
+    _kernel_for.cache_clear()
