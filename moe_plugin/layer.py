@@ -193,6 +193,12 @@ class FusedMoE(nn.Module):
     def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
         if tuple(tensor.shape) != tuple(want):
             raise ValueError(f"{name} must have shape {tuple(want)}, got {tuple(tensor.shape)}")
+        # An FP8 layer given 16-bit weights would cast them with an implied scale of 1: refuse instead.
+        if self.config.quant.is_quantized and not name.endswith("scale") and tensor.dtype != FP8_DTYPE:
+            raise TypeError(
+                f"{name} must be float8_e4m3fn for the {self.config.quant.name} layer (with its scale), "
+                f"got {tensor.dtype}"
+            )
 
     @torch.no_grad()
     def load_expert(

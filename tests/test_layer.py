@@ -168,3 +168,9 @@ def test_fp8_per_tensor_gate_up_scales_merged():
     # FP8 weights and activations: a few percent; dropping the gate scale would be off by ~100x.
     assert rel_err(out, naive.moe(x, w1, w2, tw, ti)) < 0.1
     assert torch.allclose(layer.w13_weight_scale, layer._w13_half_scales.amax(dim=1))
+
+
+def test_fp8_layer_refuses_16bit_weights():
+    layer = FusedMoE(MoEConfig(4, 2, 256, 128, dtype=torch.bfloat16, quant=QuantConfig.fp8_block()))
+    with pytest.raises(TypeError, match="experts.1.down must be float8_e4m3fn"):
+        layer.load_expert(1, down=torch.randn(256, 128, dtype=torch.bfloat16))
