@@ -17,3 +17,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "multigpu" in item.keywords and gpus < 2:
             item.add_marker(skip_multi)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global RNG state, so a failure reproduces on rerun."""
+    torch.manual_seed(0)
