@@ -6,7 +6,7 @@
 # Run from the repository root:  OUT=/some/dir bash scripts/gpu_triton_experts.sh
 # Writes (flat, 7 files) to $OUT: env.txt gpu_tests.log tune.log tuned_configs.tar.gz bench.log
 # bench_experts.json bench_experts.png. Budgets: TESTS_TIMEOUT, TUNE_BUDGET, BENCH_LIMIT (seconds);
-# TUNE_M picks the token counts tuned.
+# TUNE_M picks the token counts tuned, BENCH_DTYPES the benchmarked dtypes (default bf16,fp8-block).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -50,7 +50,7 @@ tar -czf "$OUT/tuned_configs.tar.gz" -C "$TUNE_DIR" .
 
 echo "=== [3/3] bench, limit ${BENCH_LIMIT}s ($((SECONDS - t0))s so far)"
 MOE_PLUGIN_TRITON_CONFIG_DIR="$TUNE_DIR" timeout $((BENCH_LIMIT + 50)) "$PY" scripts/bench_experts.py \
-    --out-dir "$OUT" --replays 20 --time-limit "$BENCH_LIMIT" 2>&1 | tee "$OUT/bench.log"
+    --dtypes "${BENCH_DTYPES:-bf16,fp8-block}" --out-dir "$OUT" --replays 20 --time-limit "$BENCH_LIMIT" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 echo "=== done in $((SECONDS - t0))s; files in $OUT:"
 ls -la "$OUT"
