@@ -1,15 +1,24 @@
-"""Dispatch and combine latency and bandwidth of the all-to-all EP backends, under torchrun.
+"""Dispatch and combine latency and bandwidth of the EP prepare/finalize backends, under torchrun.
 
     torchrun --standalone --nproc-per-node 2 scripts/bench_ep.py                      # CPU / gloo sweep
     torchrun --standalone --nproc-per-node 8 scripts/bench_ep.py --backend nccl \\
         --preset deepseek-v3-decode --preset deepseek-v3-prefill                       # GPUs / NCCL
+    torchrun --standalone --nproc-per-node 8 scripts/bench_ep.py --backend nccl --pf deepep_ll \\
+        --preset deepseek-v3-decode                                                    # DeepEP low-latency
+
+``--pf`` picks the backend: ``all2all`` (ours; ``--format`` standard or batched), ``deepep_ht`` (DeepEP
+high-throughput, Standard format) or ``deepep_ll`` (DeepEP low-latency, Batched format; its buffer is sized
+for the point's tokens per rank).
 
 For every (hidden size, tokens per rank) point, each rank routes random tokens (uniform top-k), then times
 ``prepare`` (dispatch: count exchange, packing, FP8 quantization when asked, the all-to-all) and
 ``finalize`` (combine: the receiver's reduction, the all-to-all back, the origin's sum) separately, with a
 barrier before every timed step. The experts are not run: combine sends a ready-made ``[R, K]`` output.
 Latency is the median over iterations of the slowest rank; bandwidth is the bytes a rank sends per step
-(``ExpertLoadStats``: payload rows, excluding the small count exchange) over that latency.
+over that latency. For every backend the bytes are counted the same way, from the routing: one payload
+row (plus its FP8 scales when dispatching FP8) per (token, destination rank) pair whose destination is
+another rank; combine sends the rows back in the model dtype. DeepEP's low-latency mode actually sends one
+row per (token, expert) pair, so its real traffic is higher than this count.
 
 Presets (DeepSeek-V3: hidden 7168, top-8 of 256 experts, FP8 block dispatch, bf16 combine):
 ``deepseek-v3-decode`` (128 tokens per rank) and ``deepseek-v3-prefill`` (4096 tokens per rank).
@@ -51,12 +60,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="bf16", help="model dtype (combine travels in it)")
     p.add_argument("--fp8", action="store_true", help="FP8 block dispatch in the sweep (hidden % 128 == 0)")
-    p.add_argument("--format", choices=["standard", "batched"], default="standard")
+    p.add_argument("--format", choices=["standard", "batched"], default="standard",
+                   help="all2all's output format (DeepEP HT is standard, DeepEP LL batched)")
+    p.add_argument("--pf", choices=["all2all", "deepep_ht", "deepep_ll"], default="all2all",
+                   help="prepare/finalize backend")
     p.add_argument("--preset", action="append", choices=sorted(PRESETS), default=[],
                    help="run a named point instead of the sweep (repeatable)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 dispatch+combine steps of each point (torch.profiler, rank 0 writes a table)")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", default=os.environ.get("OUT") or "bench_out")
     return p.parse_args()
@@ -88,15 +102,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def make_prepare_finalize(name: str, batched: bool, config: MoEConfig, ep, tokens: int):
+    if name == "deepep_ht":
+        from moe_plugin.prepare_finalize.deepep_ht import DeepEPHTPrepareAndFinalize
+
+        return DeepEPHTPrepareAndFinalize.from_config(config, ep)
+    if name == "deepep_ll":
+        from moe_plugin.prepare_finalize.deepep_ll import DeepEPLLPrepareAndFinalize
+
+        return DeepEPLLPrepareAndFinalize.from_config(config, ep, max_num_tokens=max(tokens, 1))
+    cls = BatchedAllToAllPrepareAndFinalize if batched else AllToAllPrepareAndFinalize
+    return cls.from_config(config, ep)
+
+
+def routed_bytes(ids: torch.Tensor, experts: int, world: int, rank: int, row_bytes: int) -> int:
+    """Bytes of the rows this rank sends to other ranks: one per (token, other destination rank) pair."""
+    per_rank = -(-experts // world)
+    dst = ids.long().cpu() // per_rank
+    hit = torch.zeros(ids.shape[0], world, dtype=torch.bool)
+    hit.scatter_(1, dst, True)
+    hit[:, rank] = False
+    return int(hit.sum()) * row_bytes
+
+
 def bench_point(pt: dict, args, ep, device) -> dict:
     world, rank = ep.world_size, ep.rank
     dtype = DTYPES[pt["dtype"]]
     quant = QuantConfig.fp8_block() if pt["fp8"] else QuantConfig()
-    batched = args.format == "batched"
+    batched = args.format == "batched" or args.pf == "deepep_ll"
+    if args.pf.startswith("deepep") and dtype != torch.bfloat16:
+        raise SystemExit(f"--pf {args.pf} dispatches bfloat16 models only, got --dtype {pt['dtype']}")
     config = MoEConfig(pt["experts"], pt["top_k"], pt["hidden"], 128, dtype=dtype, quant=quant,
                        parallel=ParallelConfig(world, rank), max_num_tokens=max(pt["tokens"], 1))
-    cls = BatchedAllToAllPrepareAndFinalize if batched else AllToAllPrepareAndFinalize
-    pf = cls.from_config(config, ep)
+    pf = make_prepare_finalize(args.pf, batched, config, ep, pt["tokens"])
     g = torch.Generator().manual_seed(args.seed * 1000 + rank)
     m = pt["tokens"]
     x = torch.randn(m, pt["hidden"], generator=g).to(dtype).to(device)
@@ -114,7 +152,7 @@ def bench_point(pt: dict, args, ep, device) -> dict:
         _sync(device)
         t1 = time.perf_counter()
         if batched:
-            fused = torch.zeros(prepared.hidden_states.shape, dtype=dtype, device=device)
+            fused = torch.zeros(prepared.hidden_states.shape[:-1] + (pt["hidden"],), dtype=dtype, device=device)
         else:
             fused = torch.zeros(prepared.hidden_states.shape[0], pt["hidden"], dtype=dtype, device=device)
         dist.barrier(group=ep.group)
@@ -126,13 +164,16 @@ def bench_point(pt: dict, args, ep, device) -> dict:
         if it >= args.warmup:
             dispatch_s.append(t1 - t0)
             combine_s.append(t3 - t2)
-    b = pf.stats.last_bytes
+    if args.profile:
+        profile_steps(pf, x, weights, ids, kw, batched, dtype, pt, wr, ep, device, args.out)
+    in_bytes = pt["hidden"] + 4 * (pt["hidden"] // 128) if pt["fp8"] else pt["hidden"] * x.element_size()
+    dispatch_bytes = routed_bytes(ids, pt["experts"], world, rank, in_bytes)
     mine = {
         "dispatch_s": statistics.median(dispatch_s),
         "combine_s": statistics.median(combine_s),
-        "dispatch_bytes": b["dispatch_bytes_sent"],
-        "combine_bytes": b["combine_bytes_sent"],
-        "rows_sent": int(pf.stats.last_tokens_sent_per_rank.sum()),
+        "dispatch_bytes": dispatch_bytes,
+        "combine_bytes": dispatch_bytes // in_bytes * pt["hidden"] * x.element_size(),
+        "rows_sent": dispatch_bytes // in_bytes,
     }
     every = [None] * world
     dist.all_gather_object(every, mine, group=ep.group)
@@ -142,7 +183,8 @@ def bench_point(pt: dict, args, ep, device) -> dict:
     c_bytes = statistics.mean(r["combine_bytes"] for r in every)
     return {
         **pt,
-        "format": args.format,
+        "format": "batched" if batched else "standard",
+        "pf": args.pf,
         "quant": quant.name,
         "world": world,
         "backend": ep.backend,
@@ -155,6 +197,31 @@ def bench_point(pt: dict, args, ep, device) -> dict:
         "rows_sent_per_rank": statistics.mean(r["rows_sent"] for r in every),
         "per_rank": every,
     }
+
+
+def profile_steps(pf, x, weights, ids, kw, batched, dtype, pt, wr, ep, device, out_dir) -> None:
+    """Where the time of a step goes: CPU ops, host syncs and kernels of three dispatch+combine steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = torch.empty_like(x)
+    dist.barrier(group=ep.group)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            prepared = pf.prepare(x, weights, ids, **kw)
+            rows = prepared.hidden_states.shape[:-1] if batched else prepared.hidden_states.shape[:1]
+            fused = torch.zeros(rows + (pt["hidden"],), dtype=dtype, device=device)
+            pf.finalize(out, fused, prepared, weights, ids, apply_router_weight_on_input=False, weight_and_reduce=wr)
+            _sync(device)
+    if ep.rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"profile_{pt['name']}_rank0.txt")
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+            if device.type == "cuda":
+                f.write("\n\n")
+                f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+        print(f"wrote {path}", flush=True)
 
 
 def plot(records: list[dict], path: str) -> str | None:
@@ -181,7 +248,7 @@ def plot(records: list[dict], path: str) -> str | None:
                    label=f"combine {label}")
     r0 = records[0]
     ax_lat.set(xscale="log", yscale="log", xlabel="tokens per rank", ylabel="latency, ms (slowest rank, median)",
-               title=f"all-to-all EP, {r0['world']} ranks over {r0['backend']}")
+               title=f"{r0['pf']} EP, {r0['world']} ranks over {r0['backend']}")
     ax_bw.set(xscale="log", xlabel="bytes sent per rank per step", ylabel="GB/s per rank", title="bandwidth")
     for ax in (ax_lat, ax_bw):
         ax.grid(True, which="both", alpha=0.3)
@@ -204,7 +271,7 @@ def main() -> int:
         records.append(rec)
         if ep.rank == 0:
             print(
-                f"{rec['name']:<22} K={rec['hidden']:<5} tokens/rank={rec['tokens']:<5} {rec['quant']:<18} "
+                f"{args.pf:<9} {rec['name']:<22} K={rec['hidden']:<5} tokens/rank={rec['tokens']:<5} {rec['quant']:<18} "
                 f"dispatch {rec['dispatch_ms']:8.3f} ms {rec['dispatch_bytes_per_rank'] / 1e6:9.3f} MB "
                 f"{rec['dispatch_GBps'] or 0:7.3f} GB/s | combine {rec['combine_ms']:8.3f} ms "
                 f"{rec['combine_bytes_per_rank'] / 1e6:9.3f} MB {rec['combine_GBps'] or 0:7.3f} GB/s",
@@ -213,7 +280,8 @@ def main() -> int:
     if ep.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         tag = "_presets" if args.preset else ("_fp8" if args.fp8 else "") + ("_batched" if args.format == "batched" else "")
-        stem = os.path.join(args.out, f"bench_ep_{ep.backend}_w{ep.world_size}{tag}")
+        pf_tag = "" if args.pf == "all2all" else f"_{args.pf}"
+        stem = os.path.join(args.out, f"bench_ep_{ep.backend}{pf_tag}_w{ep.world_size}{tag}")
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         with open(stem + ".json", "w") as f:
             json.dump({"device": device_name, "world": ep.world_size, "backend": ep.backend,
