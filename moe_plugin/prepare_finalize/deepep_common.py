@@ -471,7 +471,10 @@ def quantize_for_dispatch(
         return x, None, False
     if quant.scheme is QuantScheme.FP8_W8A8 and (quant.block_shape is not None or quant.per_act_token):
         q, s = quantize_activation(x, quant, static_scale)
-        return q.contiguous(), s.reshape(x.shape[0], -1).float().contiguous(), True
+        # Explicit width: a rank with no tokens must still send [0, G] scales, or the ranks disagree on
+        # the scale count per token and DeepEP's channels hang.
+        groups = 1 if quant.block_shape is None else -(-x.shape[1] // quant.block_shape[1])
+        return q.contiguous(), s.reshape(x.shape[0], groups).float().contiguous(), True
     return x, None, False
 
 

@@ -289,3 +289,14 @@ def test_quantize_for_dispatch_per_scheme():
     assert not done and q is x and s is None  # per-tensor: quantized after the dispatch
     q, s, done = dc.quantize_for_dispatch(x, QuantConfig(), None)
     assert not done and q is x
+
+
+@pytest.mark.parametrize("m", [0, 1, 5])
+def test_quantize_for_dispatch_keeps_the_scale_width_for_any_token_count(m):
+    # A rank with no tokens still dispatches: its [0, G] scales must agree with the other ranks' width.
+    x = torch.randn(m, 384).to(torch.bfloat16)
+    q, s, done = dc.quantize_for_dispatch(x, QuantConfig.fp8_block(), None)
+    assert done and q.shape == (m, 384) and s.shape == (m, 3) and s.dtype == torch.float32
+    q, s, done = dc.quantize_for_dispatch(x, QuantConfig("fp8_w8a8", per_act_token=True), None)
+    assert done and s.shape == (m, 1)
+    torch.testing.assert_close(s, x.float().abs().amax(dim=1, keepdim=True) / 448.0, rtol=1e-6, atol=0)
