@@ -41,11 +41,16 @@ FP8 = torch.float8_e4m3fn
 def test_rows_exact_from_host_counts_worst_case_otherwise():
     ids = torch.tensor([[0, 2], [2, 2], [0, -1]])
     counts = torch.tensor([2, 0, 3], dtype=torch.int32)
-    assert DeepGemmExperts._rows(ids, 3, 128, ExpertTokensMetadata(counts, counts)) == 256
+    assert DeepGemmExperts._rows(ids, None, 3, 128, ExpertTokensMetadata(counts, counts)) == 256
     # eager CPU: the counts are fetched (2 + 0 + 3 slots -> two padded runs)
-    assert DeepGemmExperts._rows(ids, 3, 128, None) == 256
+    assert DeepGemmExperts._rows(ids, None, 3, 128, None) == 256
+    # the fused path does not fetch them: worst case, round_up(6 + 3 * 127, 128)
+    assert DeepGemmExperts._rows(ids, None, 3, 128, None, fetch_counts=False) == 512
+    # through an expert map: global 5 -> local 0, global 1 -> elsewhere
+    emap = torch.tensor([-1, -1, 1, -1, -1, 0], dtype=torch.int32)
+    assert DeepGemmExperts._rows(torch.tensor([[5, 1], [2, 5]]), emap, 3, 128, None) == 256
     # nothing local: still one (skipped) block, so every view stays non-empty
-    assert DeepGemmExperts._rows(torch.full((4, 2), -1), 3, 128, None) == 128
+    assert DeepGemmExperts._rows(torch.full((4, 2), -1), None, 3, 128, None) == 128
     assert local_counts(ids, 3).tolist() == [2, 0, 3]
 
 
@@ -68,7 +73,7 @@ def test_scatter_as_deep_gemm_experts_calls_it_meets_deep_gemms_contract(seed):
     ids = torch.randint(-1, e, (m, k), generator=g).to(torch.int32)
     ids[5] = -1
     local = local_expert_ids_of_slots(ids, None)
-    m_sum = DeepGemmExperts._rows(local, e, align, None)
+    m_sum = DeepGemmExperts._rows(ids, None, e, align, None)
     q = torch.randn(m, hidden, generator=g).to(FP8)
     s = torch.rand(m, 2, generator=g) + 0.5
     scales = mn_major_scales(m_sum, 2, torch.device("cpu"))
