@@ -287,6 +287,38 @@ def test_emulated_deep_gemm_experts_with_router_weight_on_input():
     assert rel_err(got, plain) > 0.05  # the weight was applied once, on the input, not twice or never
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu2"])
+def test_emulated_fused_and_two_step_paths_agree(activation, monkeypatch):
+    """The fused activation-quant (silu, gelu) gives the two-step path's bits, worst-case rows and all; relu2
+    always runs two-step. Both against the torch reference experts."""
+    e, k, hidden, inter, m = 5, 2, 256, 128, 17
+    quant = QuantConfig.fp8_block()
+    cfg = MoEConfig(e, k, hidden, inter, quant=quant, activation=activation)
+    g = torch.Generator().manual_seed(21)
+    w1_rows = 2 * inter if activation != "relu2" else inter
+    w1, s1 = quantize_block_weight(torch.randn(e, w1_rows, hidden, generator=g) * 0.05)
+    w2, s2 = quantize_block_weight(torch.randn(e, hidden, inter, generator=g) * 0.05)
+    weights = ExpertWeights(w1, w2, s1, s2)
+    x = torch.randn(m, hidden, generator=g).bfloat16()
+    w, ids = routing(m, e, k, 5)
+    calls = []
+    import moe_plugin.experts.deep_gemm as dgm
+
+    real = dgm.gated_act_fp8_quant
+    monkeypatch.setattr(dgm, "gated_act_fp8_quant", lambda *a, **kw: calls.append(kw["m_indices"]) or real(*a, **kw))
+    fused = EmulatedDeepGemmExperts(cfg)
+    two_step = EmulatedDeepGemmExperts(cfg)
+    two_step.fuse_activation_quant = False
+    got = ModularKernel(LocalPrepareAndFinalize(quant), fused)(x, weights, w, ids)
+    assert len(calls) == (0 if activation == "relu2" else 1)
+    if calls:  # worst-case rows, round_up(34 + 5 * 127, 128), with no count fetch; the unused tail is -1
+        assert calls[0].numel() == 768 and (calls[0][-128:] == -1).all()
+    base = ModularKernel(LocalPrepareAndFinalize(quant), two_step)(x, weights, w, ids)
+    assert torch.equal(got, base)
+    ref = ModularKernel(LocalPrepareAndFinalize(quant), TorchExperts(cfg))(x, weights, w, ids)
+    assert rel_err(got, ref) < 0.01
+
+
 def test_bench_summary_crossover_and_targets():
     import importlib.util
     import os
