@@ -1,6 +1,15 @@
 """DeepGEMM experts vs Triton experts, FP8 w8a8 (128x128 blocks), CUDA-graph replay medians.
 
     python scripts/bench_deepgemm.py --out bench_deepgemm.json [--shapes dsv3-ep8] [--tokens 1024 4096]
+    python scripts/bench_deepgemm.py --breakdown --shapes qwen3-30b-a3b dsv3-ep8 --tokens 4096 16384
+
+The default run (two shapes, three sizes, the DeepGEMM rows only) is sized to finish in a few minutes on an
+H100 including DeepGEMM's JIT compiles; ``--backends all`` adds the masked and Triton rows and the small
+sizes (``--tokens 64 256 ...``) the crossover needs.
+
+``--breakdown`` also times every stage of DeepGemmExperts.apply on its own, on the rows the call itself
+uses (exact with host counts, the worst case otherwise): prepare's quantization, ep_scatter, GEMM1, the
+activation + quantization both ways (two-step, fused), GEMM2, ep_gather; and prints one table.
 
 Shapes (one GPU; the DeepSeek-V3 row is one EP8 rank: 32 of 256 experts, routing over all 256 so about
 1/8 of the slots are local):
@@ -10,7 +19,8 @@ Shapes (one GPU; the DeepSeek-V3 row is one EP8 rank: 32 of 256 experts, routing
     dsv3-ep8        E=256 (32 local) top-8 K=7168 N=2048
 
 Backends per (shape, M): ``deep_gemm`` (DeepGemmExperts, whole call incl. quantization, permute and
-unpermute), ``deep_gemm_gemm_only`` (its two grouped GEMMs on pre-permuted data), ``batched_deep_gemm``
+unpermute), ``deep_gemm_two_step`` (the same with the activation and its quantization unfused: the
+before of the fusion), ``deep_gemm_gemm_only`` (its two grouped GEMMs on pre-permuted data), ``batched_deep_gemm``
 (masked, the experts call on a ready batched layout, decode sizes only), ``triton_fp8`` and
 ``triton_bf16`` (moe_plugin.experts.triton, when present). Every timing is the median of CUDA-graph
 replays (eager when a backend cannot be captured, marked ``"mode": "eager"``).
@@ -45,7 +55,11 @@ SHAPES = {
     "mixtral-8x7b": (8, 8, 2, 4096, 14336, 1),
     "dsv3-ep8": (256, 32, 8, 7168, 2048, 8),
 }
-TOKENS = (64, 256, 1024, 4096, 16384)
+TOKENS = (1024, 4096, 16384)
+DEFAULT_SHAPES = ("qwen3-30b-a3b", "dsv3-ep8")
+BACKENDS = ("deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only", "batched_deep_gemm", "triton_fp8", "triton_bf16")
+DEFAULT_BACKENDS = ("deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only")
+STAGES = ("prepare_quant", "scatter", "gemm1", "act_quant_two_step", "act_quant_fused", "gemm2", "gather")
 GEMM_ONLY_TARGETS_US = {1024: 606.0, 4096: 709.0, 16384: 1405.0}
 MASKED_DECODE_TARGET_US = (515.0, 535.0)
 WHOLE_CALL_SLACK = 1.15
@@ -138,11 +152,94 @@ class Bench:
         return row
 
 
+def bench_stages(bench: Bench, name: str, m: int, dg, prepared, x, w, ids, emap, m_sum: int, act: str = "silu") -> None:
+    """Each stage of DeepGemmExperts.apply alone, on ``m_sum`` rows (what the call uses)."""
+    from moe_plugin.config import ScaleFormat
+    from moe_plugin.experts.deep_gemm import DEEPGEMM_BLOCK, mn_major_scales
+    from moe_plugin.ops.activation import apply_activation, gated_act_fp8_quant
+    from moe_plugin.ops.permute import ep_gather, ep_scatter
+    from moe_plugin.ops.quant import per_token_group_quant_fp8
+
+    e_local, n2, k = prepared.w1.shape
+    n = n2 // 2
+    ue8m0 = dg.quant.scale_format is ScaleFormat.UE8M0
+    a1q, a1s = per_token_group_quant_fp8(x, DEEPGEMM_BLOCK, use_ue8m0=ue8m0)
+    align = deep_gemm_alignment()
+    hid = torch.empty(m_sum, k, device="cuda", dtype=torch.float8_e4m3fn)
+    hid_s = mn_major_scales(m_sum, k // DEEPGEMM_BLOCK, x.device)
+    res = ep_scatter(a1q, a1s, ids, e_local, emap, alignment=align, m_sum=m_sum, fill_invalid_expert=-1, out=hid,
+                     out_scales=hid_s)
+    mm1 = torch.empty(m_sum, n2, device="cuda", dtype=torch.bfloat16)
+    dg._gemm(res.hidden_states, res.scales, prepared.w1, prepared.w1_scale, mm1, res.m_indices)
+    act_buf = torch.empty(m_sum, n, device="cuda", dtype=torch.bfloat16)
+    a2q = torch.empty(m_sum, n, device="cuda", dtype=torch.float8_e4m3fn)
+    a2s = mn_major_scales(m_sum, n // DEEPGEMM_BLOCK, x.device)
+    gated_act_fp8_quant(mm1, act, DEEPGEMM_BLOCK, m_indices=res.m_indices, use_ue8m0=ue8m0, out=a2q, out_scales=a2s)
+    mm2 = torch.empty(m_sum, k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    extra = dict(m_sum=m_sum, live_rows=int(res.expert_num_tokens.sum()))
+
+    def two_step():
+        apply_activation(act, mm1, out=act_buf)
+        per_token_group_quant_fp8(act_buf, DEEPGEMM_BLOCK, use_ue8m0=ue8m0, column_major_scales=True)
+
+    stages = {
+        "prepare_quant": lambda: per_token_group_quant_fp8(x, DEEPGEMM_BLOCK, use_ue8m0=ue8m0),
+        "scatter": lambda: ep_scatter(a1q, a1s, ids, e_local, emap, alignment=align, m_sum=m_sum,
+                                      fill_invalid_expert=-1, out=hid, out_scales=hid_s),
+        "gemm1": lambda: dg._gemm(res.hidden_states, res.scales, prepared.w1, prepared.w1_scale, mm1, res.m_indices),
+        "act_quant_two_step": two_step,
+        "act_quant_fused": lambda: gated_act_fp8_quant(mm1, act, DEEPGEMM_BLOCK, m_indices=res.m_indices,
+                                                       use_ue8m0=ue8m0, out=a2q, out_scales=a2s),
+        "gemm2": lambda: dg._gemm(a2q, a2s, prepared.w2, prepared.w2_scale, mm2, res.m_indices),
+        "gather": lambda: ep_gather(mm2, w, res.inv_perm, out=out),
+    }
+    for stage, fn in stages.items():
+        bench.record(name, m, f"stage:{stage}", fn, **extra)
+
+
+def bench_gemm_only(bench: Bench, name: str, m: int, dg, prepared, x, ids, emap, m_sum: int, local_rows: int) -> None:
+    """The two grouped GEMMs on data already in the contiguous layout (exact rows); the whole calls of the
+    same (shape, M) get their ratio to it."""
+    from moe_plugin.experts.deep_gemm import mn_major_scales
+    from moe_plugin.ops.permute import ep_scatter
+    from moe_plugin.ops.quant import per_token_group_quant_fp8
+
+    e_local, n2, k = prepared.w1.shape
+    n = n2 // 2
+    align = deep_gemm_alignment()
+
+    # GEMM-only: the two grouped GEMMs on data already in the contiguous layout (exact rows)
+    a1q, a1s = per_token_group_quant_fp8(x, 128)
+    scattered = ep_scatter(a1q, a1s, ids, e_local, emap, alignment=align, m_sum=m_sum, fill_invalid_expert=-1,
+                           out_scales=mn_major_scales(m_sum, k // 128, x.device))
+    a, sa, m_indices = scattered.hidden_states, scattered.scales, scattered.m_indices
+    mid = torch.randn(m_sum, n, device="cuda", dtype=torch.bfloat16)
+    a2, s2 = per_token_group_quant_fp8(mid, 128, column_major_scales=True)
+    out1 = torch.empty(m_sum, 2 * n, device="cuda", dtype=torch.bfloat16)
+    out2 = torch.empty(m_sum, k, device="cuda", dtype=torch.bfloat16)
+
+    def gemms():
+        dg._gemm(a, sa, prepared.w1, prepared.w1_scale, out1, m_indices)
+        dg._gemm(a2, s2, prepared.w2, prepared.w2_scale, out2, m_indices)
+
+    only = bench.record(name, m, "deep_gemm_gemm_only", gemms, local_rows=local_rows, m_sum=m_sum)
+    for r in bench.rows:
+        if r["shape"] == name and r["M"] == m and r["backend"] in ("deep_gemm", "deep_gemm_two_step"):
+            if r.get("us") and only.get("us"):
+                r["ratio_to_gemm_only"] = round(r["us"] / only["us"], 3)
+
+
+def deep_gemm_alignment() -> int:
+    from moe_plugin.experts.deep_gemm import deep_gemm_api
+
+    return deep_gemm_api().alignment
+
+
 def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
     from moe_plugin.experts.batched_deep_gemm import BatchedDeepGemmExperts
-    from moe_plugin.experts.deep_gemm import DeepGemmExperts, deep_gemm_api, local_expert_ids_of_slots, mn_major_scales
-    from moe_plugin.ops.permute import compute_aligned_M, ep_scatter
-    from moe_plugin.ops.quant import per_token_group_quant_fp8
+    from moe_plugin.experts.deep_gemm import DeepGemmExperts, deep_gemm_api, local_expert_ids_of_slots
+    from moe_plugin.ops.permute import compute_aligned_M
 
     e_global, e_local, top_k, k, n, ep = SHAPES[name]
     quant = quant_for_device()
@@ -161,32 +258,29 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
         # The EP shard runs behind DeepEP high-throughput, which hands the per-expert counts over on the
         # host; without EP the experts see no counts and size the layout for the worst case under a graph.
         pf = HostCountsPrepare(quant, counts) if ep > 1 else LocalPrepareAndFinalize(quant)
-        kernel = ModularKernel(pf, dg)
-        whole = bench.record(name, m, "deep_gemm", lambda: kernel(x, fp8_weights, w, ids, **kw))
+        backends = bench.args.backends
+        if "deep_gemm" in backends:
+            kernel = ModularKernel(pf, dg)
+            bench.record(name, m, "deep_gemm", lambda: kernel(x, fp8_weights, w, ids, **kw))
+        if "deep_gemm_two_step" in backends:
+            dg2 = DeepGemmExperts(cfg)
+            dg2.fuse_activation_quant = False
+            kernel2 = ModularKernel(pf, dg2)
+            bench.record(name, m, "deep_gemm_two_step", lambda: kernel2(x, fp8_weights, w, ids, **kw))
 
-        # GEMM-only: the two grouped GEMMs on data already in the contiguous layout
         align = deep_gemm_api().alignment
-        m_sum = max(compute_aligned_M(m, top_k, e_local, align, ExpertTokensMetadata(counts, counts.cpu())), align)
-        a1q, a1s = per_token_group_quant_fp8(x, 128)
-        scattered = ep_scatter(a1q, a1s, ids, e_local, emap, alignment=align, m_sum=m_sum, fill_invalid_expert=-1,
-                               out_scales=mn_major_scales(m_sum, k // 128, x.device))
-        a, sa, m_indices = scattered.hidden_states, scattered.scales, scattered.m_indices
-        mid = torch.randn(m_sum, n, device="cuda", dtype=torch.bfloat16)
-        a2, s2 = per_token_group_quant_fp8(mid, 128, column_major_scales=True)
-        out1 = torch.empty(m_sum, 2 * n, device="cuda", dtype=torch.bfloat16)
-        out2 = torch.empty(m_sum, k, device="cuda", dtype=torch.bfloat16)
-
-        def gemms():
-            dg._gemm(a, sa, prepared.w1, prepared.w1_scale, out1, m_indices)
-            dg._gemm(a2, s2, prepared.w2, prepared.w2_scale, out2, m_indices)
-
-        only = bench.record(name, m, "deep_gemm_gemm_only", gemms, local_rows=int(counts.sum()))
-        if whole.get("us") and only.get("us"):
-            whole["ratio_to_gemm_only"] = round(whole["us"] / only["us"], 3)
+        host_meta = ExpertTokensMetadata(counts, counts.cpu())
+        m_sum = max(compute_aligned_M(m, top_k, e_local, align, host_meta), align)
+        if bench.args.breakdown:
+            # the rows the call uses under a CUDA graph: exact with host counts, else the worst case
+            m_call = m_sum if ep > 1 else max(compute_aligned_M(m, top_k, e_local, align), align)
+            bench_stages(bench, name, m, dg, prepared, x, w, ids, emap, m_call)
+        if "deep_gemm_gemm_only" in backends:
+            bench_gemm_only(bench, name, m, dg, prepared, x, ids, emap, m_sum, int(counts.sum()))
 
         # masked: the experts call on a batched layout; for the EP shard, the layout DeepEP low-latency
         # would hand over (all ranks' tokens, T = M * ep rows per expert); decode sizes only
-        if m <= (511 if ep > 1 else 1024):
+        if "batched_deep_gemm" in backends and m <= (511 if ep > 1 else 1024):
             bcfg = MoEConfig(e_global, top_k, k, n, quant=quant, parallel=parallel, max_num_tokens=m)
             t = m * ep
             all_w, all_ids = routing(m * ep, e_global, top_k, seed=m + 7)
@@ -209,9 +303,10 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
                          max_count=int(prep.expert_tokens_meta.expert_num_tokens.max()))
             del ws13, bout, prep
 
-        if triton_cls is not None:
+        if triton_cls is not None and "triton_fp8" in backends:
             tk = ModularKernel(LocalPrepareAndFinalize(quant), triton_cls(cfg))
             bench.record(name, m, "triton_fp8", lambda: tk(x, fp8_weights, w, ids, **kw))
+        if triton_cls is not None and "triton_bf16" in backends:
             bcfg16 = MoEConfig(e_global, top_k, k, n, quant=QuantConfig(), parallel=parallel, max_num_tokens=max(m, 1))
             tk16 = ModularKernel(LocalPrepareAndFinalize(QuantConfig()), triton_cls(bcfg16))
             bench.record(name, m, "triton_bf16", lambda: tk16(x, bf16_weights, w, ids, **kw))
@@ -258,24 +353,30 @@ def summarize(rows: list[dict]) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(DEFAULT_SHAPES))
     p.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    p.add_argument("--backends", nargs="+", choices=list(BACKENDS) + ["all"], default=list(DEFAULT_BACKENDS),
+                   help="rows to time per (shape, M); 'all' adds the masked and Triton rows")
+    p.add_argument("--breakdown", action="store_true", help="also time each stage of DeepGemmExperts.apply")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="bench_deepgemm.json")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    if "all" in args.backends:
+        args.backends = list(BACKENDS)
     if not torch.cuda.is_available():
         print("bench_deepgemm.py needs a CUDA GPU", file=sys.stderr)
         return 2
     from moe_plugin.experts.deep_gemm import deep_gemm_api
 
     api = deep_gemm_api()
-    try:
-        from moe_plugin.experts.triton import TritonExperts as triton_cls
-    except ImportError as exc:
-        print(f"Triton experts unavailable ({exc}); timing DeepGEMM only", file=sys.stderr)
-        triton_cls = None
+    triton_cls = None
+    if {"triton_fp8", "triton_bf16"} & set(args.backends):
+        try:
+            from moe_plugin.experts.triton import TritonExperts as triton_cls
+        except ImportError as exc:
+            print(f"Triton experts unavailable ({exc}); timing DeepGEMM only", file=sys.stderr)
     bench = Bench(args)
     for name in args.shapes:
         bench_shape(bench, name, args.tokens, triton_cls)
@@ -283,7 +384,28 @@ def main() -> int:
         write_report(args, api, bench)  # partial results survive a later timeout
     report = write_report(args, api, bench)
     print(json.dumps({k: report[k] for k in ("crossover", "suggested_DEEPGEMM_MIN_TOKENS", "targets")}, indent=1))
+    print(breakdown_table(bench.rows))
     return 0
+
+
+def breakdown_table(rows: list[dict]) -> str:
+    """One line per (shape, M): whole calls, GEMM-only, each stage and their sums, in microseconds."""
+    cols = ["deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only"] + [f"stage:{s}" for s in STAGES]
+    keys = sorted({(r["shape"], r["M"]) for r in rows})
+    table = {(r["shape"], r["M"], r["backend"]): r.get("us") for r in rows}
+    short = ["whole", "whole_2step", "gemm_only", "prep_q", "scatter", "gemm1", "aq_2step", "aq_fused", "gemm2",
+             "gather", "sum_fused", "sum_2step"]
+    lines = ["shape            M      " + " ".join(f"{c:>11}" for c in short)]
+    for shape, m in keys:
+        vals = [table.get((shape, m, c)) for c in cols]
+        st = dict(zip(STAGES, vals[3:]))
+        # comparable with the whole call, which includes prepare's quantization too
+        common = [st[s] for s in ("prepare_quant", "scatter", "gemm1", "gemm2", "gather")]
+        fused = None if None in common or st["act_quant_fused"] is None else sum(common) + st["act_quant_fused"]
+        two = None if None in common or st["act_quant_two_step"] is None else sum(common) + st["act_quant_two_step"]
+        cells = vals + [fused, two]
+        lines.append(f"{shape:16} {m:<6} " + " ".join(f"{'-' if v is None else round(v, 1):>11}" for v in cells))
+    return "\n".join(lines)
 
 
 def write_report(args, api, bench: Bench) -> dict:

@@ -7,10 +7,17 @@ One call:
    multiple of the M alignment (128), ``m_indices`` names every row's expert, -1 past the last expert so
    DeepGEMM skips those blocks; the scales land column-major and TMA-aligned as DeepGEMM reads them;
 2. ``m_grouped_fp8_gemm_nt_contiguous`` with w1 -> ``[M_sum, 2N]`` bf16;
-3. activation + per-token-group FP8 quantization (scales column-major, TMA-aligned);
+3. activation + per-token-group FP8 quantization (scales column-major, TMA-aligned) in one pass,
+   ``ops.activation.gated_act_fp8_quant``, which skips the rows DeepGEMM skips (``m_indices == -1``); an
+   activation it does not fuse (relu2) runs as ``apply_activation`` then ``per_token_group_quant_fp8``;
 4. the same grouped GEMM with w2 -> ``[M_sum, K]``;
 5. ``ops.permute.ep_gather``: each token's rows back, weighted by the routing weights and summed over
    top-k: the output is ``[M, K]``, already reduced.
+
+``M_sum`` is exact when the per-expert counts are on the host (DeepEP high-throughput), else the worst case
+(``compute_aligned_M``), whose unused tail is all ``-1`` rows: DeepGEMM skips their blocks and the fused
+step never touches them, so no device-to-host copy of the counts is made for it. Only the two-step path
+(which would activate and quantize the whole tail) still fetches the counts in eager mode.
 
 Weights are prepared ONCE into the layout DeepGEMM wants (``prepare_weights``) and cached, keyed by the
 weight tensors' storage and version: on SM90 the 128x128 fp32 block scales are used as they are; on SM100
@@ -45,7 +52,7 @@ from ..modular import (
     WeightAndReduceNoOp,
     WorkspaceShapes,
 )
-from ..ops.activation import activation_output_dim, apply_activation
+from ..ops.activation import FUSED_QUANT_ACTIVATIONS, activation_output_dim, apply_activation, gated_act_fp8_quant
 from ..ops.permute import compute_aligned_M, ep_gather, ep_scatter
 from ..ops.quant import FP8_MAX, dequant_block_weight, per_token_group_quant_fp8, round_scale_ue8m0
 
@@ -328,6 +335,23 @@ def _typed_view(workspace: torch.Tensor, dtype: torch.dtype, shape: tuple[int, .
     return flat[:nbytes].view(dtype).view(shape)
 
 
+def _a2_bytes(m_sum: int, act: int) -> int:
+    """Bytes of the FP8 activation ``[m_sum, act]`` plus its column-major TMA-aligned fp32 scales."""
+    return m_sum * act + 4 * tma_aligned_size(m_sum) * math.ceil(act / DEEPGEMM_BLOCK)
+
+
+def _a2_views(workspace2: torch.Tensor, offset_bytes: int, m_sum: int, act: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FP8 activation and its scales (DeepGEMM's column-major layout), carved out of ``workspace2``
+    after its first ``offset_bytes``; both start on 16-byte boundaries (m_sum and act are multiples of 128)."""
+    flat = workspace2.reshape(-1).view(torch.uint8)
+    q = flat[offset_bytes : offset_bytes + m_sum * act].view(m_sum, act).view(FP8_DTYPE)
+    groups = math.ceil(act / DEEPGEMM_BLOCK)
+    ld = tma_aligned_size(m_sum)
+    start = offset_bytes + m_sum * act
+    scales = flat[start : start + 4 * ld * groups].view(torch.float32).as_strided((m_sum, groups), (1, ld))
+    return q, scales
+
+
 class DeepGemmExpertsBase(PermuteExpertsUnpermute):
     """What the DeepGEMM experts of both layouts share: DeepGEMM's FP8 recipe, the prepared-weight cache
     and bfloat16 outputs."""
@@ -382,15 +406,24 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         except RuntimeError:
             return DEEPGEMM_M_ALIGNMENT
 
+    fuse_activation_quant: bool = True
+    """Run step 3 as one fused pass where the activation allows it; False forces the two-step path (the
+    benchmark's before/after comparison sets it per instance)."""
+
+    def _fused(self, activation: str) -> bool:
+        return self.fuse_activation_quant and activation in FUSED_QUANT_ACTIVATIONS
+
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
         alignment = self._alignment()
         m_sum = max(compute_aligned_M(num_tokens, top_k, local_num_experts, alignment, meta), alignment)
         act = activation_output_dim(activation, n)
-        # Lifetimes (model-dtype elements): ws13 holds the permuted FP8 tokens, then the activation output,
-        # then GEMM2's output; ws2 holds GEMM1's output.
+        # Lifetimes (model-dtype elements): ws13 holds the permuted FP8 tokens, then (two-step path) the
+        # activation output, then GEMM2's output; ws2 holds GEMM1's output and, behind it, the re-quantized
+        # activation and its scales (_a2_views), which GEMM2 reads while it writes ws13.
+        a2_bytes = _a2_bytes(m_sum, act)
         return WorkspaceShapes(
             workspace13=(m_sum * max(k, act),),
-            workspace2=(m_sum * n,),
+            workspace2=(m_sum * n + (a2_bytes + 1) // 2,),
             output=(num_tokens, k),
         )
 
@@ -403,17 +436,26 @@ class DeepGemmExperts(DeepGemmExpertsBase):
     # ---- apply ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _rows(local_ids: torch.Tensor, num_local: int, alignment: int, meta: ExpertTokensMetadata | None) -> int:
+    def _rows(
+        topk_ids: torch.Tensor,
+        expert_map: torch.Tensor | None,
+        num_local: int,
+        alignment: int,
+        meta: ExpertTokensMetadata | None,
+        fetch_counts: bool = True,
+    ) -> int:
         """Rows of the contiguous layout for this call (``compute_aligned_M``).
 
-        Exact when the counts are on the host (DeepEP high-throughput hands them over) or can be fetched
-        (eager: one small device-to-host copy, cheaper than activating and quantizing padding rows); the
-        worst case inside CUDA-graph capture, where the host cannot read them.
+        Exact when the counts are on the host (DeepEP high-throughput hands them over), or when
+        ``fetch_counts`` and the call is eager (one small device-to-host copy, cheaper than activating and
+        quantizing padding rows on the two-step path); the worst case otherwise (inside CUDA-graph capture
+        the host cannot read the counts; the fused path skips the tail rows instead).
         """
-        m, top_k = local_ids.shape
+        m, top_k = topk_ids.shape
         if meta is None or meta.expert_num_tokens_cpu is None:
-            if not (local_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-                counts = local_counts(local_ids, num_local)
+            capturing = topk_ids.is_cuda and torch.cuda.is_current_stream_capturing()
+            if fetch_counts and not capturing:
+                counts = local_counts(local_expert_ids_of_slots(topk_ids, expert_map), num_local)
                 meta = ExpertTokensMetadata(counts, counts.cpu())
         return max(compute_aligned_M(m, top_k, num_local, alignment, meta), alignment)
 
@@ -449,8 +491,8 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         act = activation_output_dim(activation, n)
         groups = k // DEEPGEMM_BLOCK
         alignment = self._alignment()
-        local_ids = local_expert_ids_of_slots(topk_ids, expert_map)
-        m_sum = self._rows(local_ids, num_local, alignment, expert_tokens_meta)
+        fused = self._fused(activation)
+        m_sum = self._rows(topk_ids, expert_map, num_local, alignment, expert_tokens_meta, fetch_counts=not fused)
 
         scattered = ep_scatter(
             hidden_states,
@@ -467,17 +509,26 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         mm1 = _typed_view(workspace2, torch.bfloat16, (m_sum, n))
         self._gemm(scattered.hidden_states, scattered.scales, prepared.w1, prepared.w1_scale, mm1, scattered.m_indices)
 
-        act_out = _typed_view(workspace13, torch.bfloat16, (m_sum, act))
-        apply_activation(activation, mm1, out=act_out)
-        a2q, a2_scale = per_token_group_quant_fp8(
-            act_out,
-            DEEPGEMM_BLOCK,
-            use_ue8m0=self.quant.scale_format is ScaleFormat.UE8M0,
-            column_major_scales=True,
-        )
+        use_ue8m0 = self.quant.scale_format is ScaleFormat.UE8M0
+        if fused:
+            a2q, a2_scale = _a2_views(workspace2, m_sum * n * mm1.element_size(), m_sum, act)
+            gated_act_fp8_quant(
+                mm1,
+                activation,
+                DEEPGEMM_BLOCK,
+                m_indices=scattered.m_indices,
+                use_ue8m0=use_ue8m0,
+                out=a2q,
+                out_scales=a2_scale,
+            )
+        else:
+            act_out = _typed_view(workspace13, torch.bfloat16, (m_sum, act))
+            apply_activation(activation, mm1, out=act_out)
+            a2q, a2_scale = per_token_group_quant_fp8(
+                act_out, DEEPGEMM_BLOCK, use_ue8m0=use_ue8m0, column_major_scales=True
+            )
 
         mm2 = _typed_view(workspace13, torch.bfloat16, (m_sum, k))
         self._gemm(a2q, a2_scale, prepared.w2, prepared.w2_scale, mm2, scattered.m_indices)
-        # weights already applied on the input (top-1 models): gather with ones
-        gather_weights = torch.ones_like(topk_weights) if apply_router_weight_on_input else topk_weights
-        ep_gather(mm2, gather_weights, scattered.inv_perm, out=output)
+        # weights already applied on the input (top-1 models): an unweighted sum
+        ep_gather(mm2, None if apply_router_weight_on_input else topk_weights, scattered.inv_perm, out=output)

@@ -1,4 +1,5 @@
-"""Triton kernels behind ``ops.activation``: gated activations, relu2, and the masked SiLU-mul-FP8-quant.
+"""Triton kernels behind ``ops.activation``: gated activations, relu2, and the activation + FP8 group
+quantization fused for the masked (batched) and the contiguous (DeepGEMM) layouts.
 
 All arithmetic is fp32. Results match the torch implementations up to the last bits of ``exp`` / ``erf``
 (the GPU uses fast approximations), which after rounding to bf16 / fp16 rarely moves a value by one ulp.
@@ -92,6 +93,21 @@ def relu2_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
 
 
 @kernel
+def _gated_value(gate, up, alpha, limit, KIND: tl.constexpr):
+    """fp32 ``act(gate) * up``; every kernel here goes through it so the fused and the two-step paths
+    compute the same bits."""
+    if KIND == 0:
+        y = gate / (1.0 + tl.exp(-gate)) * up
+    elif KIND == 1:
+        y = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
+    else:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        y = gate * (1.0 / (1.0 + tl.exp(-alpha * gate))) * (up + 1.0)
+    return y
+
+
+@kernel
 def _gated_kernel(
     x_ptr,
     x_stride,
@@ -109,14 +125,7 @@ def _gated_kernel(
     mask = cols < N
     gate = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * x_stride + N + cols, mask=mask, other=0.0).to(tl.float32)
-    if KIND == 0:
-        y = gate / (1.0 + tl.exp(-gate)) * up
-    elif KIND == 1:
-        y = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)) * up
-    else:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-        y = gate * (1.0 / (1.0 + tl.exp(-alpha * gate))) * (up + 1.0)
+    y = _gated_value(gate, up, alpha, limit, KIND)
     tl.store(out_ptr + row * out_stride + cols, cast_for_store(y, out_ptr.dtype.element_ty, SOFT_ROUND), mask=mask)
 
 
@@ -223,8 +232,107 @@ def _silu_mul_quant_masked_kernel(
             h_idx = g * GROUP + cols
             gate = tl.load(y_base + row_off + h_idx[None, :] * y_stride_h, mask=mask, other=0.0).to(tl.float32)
             up = tl.load(y_base + row_off + (H + h_idx)[None, :] * y_stride_h, mask=mask, other=0.0).to(tl.float32)
-            act = gate / (1.0 + tl.exp(-gate)) * up
+            act = _gated_value(gate, up, 0.0, 0.0, 0)
             q, scale = fp8_group_quant(act, eps, USE_UE8M0)
             q = cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND)
             tl.store(q_base + tokens.to(tl.int64)[:, None] * q_stride_t + h_idx[None, :], q, mask=mask)
             tl.store(s_base + tokens.to(tl.int64) * s_stride_t + g * s_stride_g, scale, mask=t_ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gated activation + FP8 group quant, contiguous layout (DeepGEMM's m-grouped GEMM)
+
+_FUSED_BLOCK_ROWS = 32
+
+
+def gated_act_fp8_quant_triton(
+    x: torch.Tensor,
+    kind: str,
+    m_indices: torch.Tensor | None,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    use_ue8m0: bool,
+    eps: float,
+    alpha: float,
+    limit: float,
+) -> None:
+    """Fill ``q`` / ``scales`` (allocated and checked by ``ops.activation.gated_act_fp8_quant``).
+
+    Program ``(b, g)`` handles ``BLOCK_ROWS`` rows of quantization group ``g``: it reads their gate and up
+    columns once and writes the FP8 values and one scale per row, so column-major scales are stored as one
+    contiguous run per program. Rows whose ``m_indices`` entry is negative are masked off: their loads and
+    stores never reach memory.
+    """
+    m, n2 = x.shape
+    n = n2 // 2
+    groups = n // group_size
+    group_p2 = _next_pow2(group_size)
+    block_rows = max(1, min(_FUSED_BLOCK_ROWS, _next_pow2(m), 4096 // group_p2))
+    _gated_quant_rows_kernel[(_cdiv(m, block_rows), groups)](
+        x,
+        x.stride(0),
+        m_indices if m_indices is not None else x,
+        q,
+        q.stride(0),
+        scales,
+        scales.stride(0),
+        scales.stride(1),
+        m,
+        n,
+        float(alpha),
+        float(limit),
+        float(eps),
+        KIND=_GATED_KINDS[kind],
+        GROUP=group_size,
+        GROUP_P2=group_p2,
+        BLOCK_ROWS=block_rows,
+        HAS_M_INDICES=m_indices is not None,
+        USE_UE8M0=use_ue8m0,
+        SOFT_ROUND=triton_interpreting(),
+        num_warps=4,
+    )
+
+
+@kernel
+def _gated_quant_rows_kernel(
+    x_ptr,
+    x_stride,
+    m_indices_ptr,
+    q_ptr,
+    q_stride,
+    s_ptr,
+    s_stride_row,
+    s_stride_group,
+    rows,
+    N,
+    alpha,
+    limit,
+    eps,
+    KIND: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    HAS_M_INDICES: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    g = tl.program_id(1)
+    row_ok = r < rows
+    if HAS_M_INDICES:
+        row_ok = row_ok & (tl.load(m_indices_ptr + r, mask=row_ok, other=-1) >= 0)
+    lane = tl.arange(0, GROUP_P2)
+    cols = g * GROUP + lane
+    mask = row_ok[:, None] & (lane < GROUP)[None, :]
+    r64 = r.to(tl.int64)
+    src = x_ptr + r64[:, None] * x_stride + cols[None, :]
+    gate = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(src + N, mask=mask, other=0.0).to(tl.float32)
+    y = _gated_value(gate, up, alpha, limit, KIND)
+    # Rounded to x's dtype as the two-step path stores it, so both paths quantize the same values.
+    y = cast_for_store(y, x_ptr.dtype.element_ty, SOFT_ROUND).to(tl.float32)
+    q, scale = fp8_group_quant(y, eps, USE_UE8M0)
+    q = cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND)
+    tl.store(q_ptr + r64[:, None] * q_stride + cols[None, :], q, mask=mask)
+    tl.store(s_ptr + r64 * s_stride_row + g * s_stride_group, scale, mask=row_ok)

@@ -161,18 +161,23 @@ def _scatter_rows(
 
 def _gather_rows(
     permuted: torch.Tensor,
-    weights: torch.Tensor,
+    weights: torch.Tensor | None,
     inv: torch.Tensor,
     out: torch.Tensor,
     limit: torch.Tensor | None,
+    top_k: int | None = None,
 ) -> None:
     """``out[t] = sum_j weights[t, j] * permuted[inv[t * top_k + j]]`` over slots with
-    ``0 <= inv < limit`` (``limit`` a one-element device tensor, else the number of rows), in fp32."""
-    n_token, top_k = weights.shape
+    ``0 <= inv < limit`` (``limit`` a one-element device tensor, else the number of rows), in fp32.
+    ``weights=None`` sums the rows unweighted (then ``top_k`` is needed)."""
+    if weights is not None:
+        n_token, top_k = weights.shape
+    else:
+        n_token = inv.numel() // top_k if top_k else 0
     if n_token == 0:
         return
     if use_triton(permuted):
-        block_k = min(_next_pow2(out.shape[1]), max(16, _COPY_BYTES_PER_PROGRAM // max(permuted.element_size(), 2)))
+        block_k = _gather_block(out.shape[1], max(16, _COPY_BYTES_PER_PROGRAM // max(permuted.element_size(), 2)))
         grid = (n_token, _cdiv(out.shape[1], block_k))
         _gather_rows_kernel[grid](
             permuted,
@@ -180,15 +185,16 @@ def _gather_rows(
             permuted.shape[0],
             limit if limit is not None else inv,
             inv,
-            weights,
-            weights.stride(0),
-            weights.stride(1),
+            weights if weights is not None else inv,
+            weights.stride(0) if weights is not None else 0,
+            weights.stride(1) if weights is not None else 0,
             out,
             out.stride(0),
             out.shape[1],
             TOP_K=top_k,
             BLOCK_K=block_k,
             HAS_LIMIT=limit is not None,
+            HAS_WEIGHTS=weights is not None,
             SOFT_ROUND=triton_interpreting(),
             num_warps=4,
         )
@@ -200,12 +206,27 @@ def _gather_rows(
     if rows is None:
         out.zero_()
         return
-    w = torch.where(ok, weights.float(), torch.zeros((), device=weights.device))
+    wf = weights.float() if weights is not None else torch.ones(dest.shape, device=dest.device)
+    w = torch.where(ok, wf, torch.zeros((), device=dest.device))
     rows = torch.where(ok[..., None], rows, torch.zeros((), device=rows.device))
     acc = torch.zeros((n_token, out.shape[1]), dtype=torch.float32, device=out.device)
     for j in range(top_k):
         acc += rows[:, j] * w[:, j, None]
     out.copy_(acc)
+
+
+def _gather_block(k: int, cap: int) -> int:
+    """Columns per gather program: the power of two up to ``cap`` that leaves the fewest masked-off lanes
+    in the last program of a row (K = 7168 with 2048 would idle an eighth of the lanes; 1024 divides it)."""
+    best = min(_next_pow2(k), cap)
+    waste = _cdiv(k, best) * best - k
+    b = best // 2
+    while b >= max(16, best // 4) and waste:
+        w = _cdiv(k, b) * b - k
+        if w < waste:
+            best, waste = b, w
+        b //= 2
+    return best
 
 
 @kernel
@@ -239,7 +260,10 @@ def _scatter_rows_kernel(
     dest64 = dest.to(tl.int64)
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    row = tl.load(src_ptr + token.to(tl.int64) * src_stride + cols, mask=col_ok)
+    # A token none of whose slots is placed here (EP: its experts live on other ranks) is not read at all.
+    n_placed = tl.sum(placed.to(tl.int32), axis=0)
+    load_ok = col_ok & ((tl.zeros((BLOCK_K,), tl.int32) + n_placed) > 0)
+    row = tl.load(src_ptr + token.to(tl.int64) * src_stride + cols, mask=load_ok)
     ptrs = dst_ptr + dest64[:, None] * dst_stride + cols[None, :]
     tl.store(ptrs, tl.broadcast_to(row[None, :], (TOP_K_P2, BLOCK_K)), mask=placed[:, None] & col_ok[None, :])
     if HAS_SCALES:
@@ -267,6 +291,7 @@ def _gather_rows_kernel(
     TOP_K: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -282,9 +307,11 @@ def _gather_rows_kernel(
         # Broadcast first: the 3.9 interpreter rejects masks built from a scalar & a vector.
         dest = tl.load(inv_ptr + token * TOP_K + j) + tl.zeros((BLOCK_K,), tl.int32)
         ok = col_ok & (dest >= 0) & (dest < bound)
-        w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
         row = tl.load(src_ptr + dest.to(tl.int64) * src_stride + cols, mask=ok, other=0.0).to(tl.float32)
-        acc += tl.where(ok, row * w, 0.0)
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
+            row = row * w
+        acc += tl.where(ok, row, 0.0)
     out = cast_for_store(acc, out_ptr.dtype.element_ty, SOFT_ROUND)
     tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, out, mask=col_ok)
 
@@ -549,20 +576,36 @@ def ep_scatter(
 
 def ep_gather(
     permuted_hidden_states: torch.Tensor,
-    topk_weights: torch.Tensor,
+    topk_weights: torch.Tensor | None,
     inv_perm: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inverse of ``ep_scatter``: ``out[t] = sum_j topk_weights[t, j] * permuted[inv_perm[t, j]]`` over the
-    local slots (``inv_perm >= 0``), accumulated in fp32. ``out`` defaults to the permuted dtype."""
+    local slots (``inv_perm >= 0``), accumulated in fp32. ``out`` defaults to the permuted dtype.
+
+    ``topk_weights=None`` sums unweighted (the weights were applied on the input), with no ones tensor
+    built for it; ``inv_perm`` must then be the ``[M, top_k]`` ``ep_scatter`` returned."""
     permuted_hidden_states = _check_hidden(permuted_hidden_states, "permuted_hidden_states")
-    weights, inv = _check_weights_and_inv(topk_weights, inv_perm, permuted_hidden_states)
+    if topk_weights is None:
+        if not isinstance(inv_perm, torch.Tensor) or inv_perm.dim() != 2:
+            raise ValueError(
+                "without topk_weights, inv_perm must be the 2-D [num_tokens, top_k] tensor ep_scatter returned, got "
+                f"{getattr(inv_perm, 'shape', inv_perm)!r}"
+            )
+        n_token, top_k = inv_perm.shape
+        if inv_perm.dtype != torch.int32:
+            raise TypeError(f"inv_perm must be int32 (as returned by ep_scatter), got {inv_perm.dtype}")
+        _check_same_device(inv_perm, permuted_hidden_states, "inv_perm", "permuted_hidden_states")
+        inv = inv_perm.reshape(-1).contiguous()
+    else:
+        weights, inv = _check_weights_and_inv(topk_weights, inv_perm, permuted_hidden_states)
+        n_token, top_k = weights.shape
     if out is None:
         out = torch.empty(
-            (weights.shape[0], permuted_hidden_states.shape[1]),
+            (n_token, permuted_hidden_states.shape[1]),
             dtype=permuted_hidden_states.dtype,
             device=permuted_hidden_states.device,
         )
-    _check_out(out, weights.shape[0], permuted_hidden_states)
-    _gather_rows(permuted_hidden_states, weights, inv, out, None)
+    _check_out(out, n_token, permuted_hidden_states)
+    _gather_rows(permuted_hidden_states, topk_weights, inv, out, None, top_k)
     return out

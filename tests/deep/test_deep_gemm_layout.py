@@ -41,11 +41,16 @@ FP8 = torch.float8_e4m3fn
 def test_rows_exact_from_host_counts_worst_case_otherwise():
     ids = torch.tensor([[0, 2], [2, 2], [0, -1]])
     counts = torch.tensor([2, 0, 3], dtype=torch.int32)
-    assert DeepGemmExperts._rows(ids, 3, 128, ExpertTokensMetadata(counts, counts)) == 256
+    assert DeepGemmExperts._rows(ids, None, 3, 128, ExpertTokensMetadata(counts, counts)) == 256
     # eager CPU: the counts are fetched (2 + 0 + 3 slots -> two padded runs)
-    assert DeepGemmExperts._rows(ids, 3, 128, None) == 256
+    assert DeepGemmExperts._rows(ids, None, 3, 128, None) == 256
+    # the fused path does not fetch them: worst case, round_up(6 + 3 * 127, 128)
+    assert DeepGemmExperts._rows(ids, None, 3, 128, None, fetch_counts=False) == 512
+    # through an expert map: global 5 -> local 0, global 1 -> elsewhere
+    emap = torch.tensor([-1, -1, 1, -1, -1, 0], dtype=torch.int32)
+    assert DeepGemmExperts._rows(torch.tensor([[5, 1], [2, 5]]), emap, 3, 128, None) == 256
     # nothing local: still one (skipped) block, so every view stays non-empty
-    assert DeepGemmExperts._rows(torch.full((4, 2), -1), 3, 128, None) == 128
+    assert DeepGemmExperts._rows(torch.full((4, 2), -1), None, 3, 128, None) == 128
     assert local_counts(ids, 3).tolist() == [2, 0, 3]
 
 
@@ -68,7 +73,7 @@ def test_scatter_as_deep_gemm_experts_calls_it_meets_deep_gemms_contract(seed):
     ids = torch.randint(-1, e, (m, k), generator=g).to(torch.int32)
     ids[5] = -1
     local = local_expert_ids_of_slots(ids, None)
-    m_sum = DeepGemmExperts._rows(local, e, align, None)
+    m_sum = DeepGemmExperts._rows(ids, None, e, align, None)
     q = torch.randn(m, hidden, generator=g).to(FP8)
     s = torch.rand(m, 2, generator=g) + 0.5
     scales = mn_major_scales(m_sum, 2, torch.device("cpu"))
@@ -280,6 +285,38 @@ def test_emulated_deep_gemm_experts_with_router_weight_on_input():
     assert rel_err(got, ref) < 0.01
     plain = ModularKernel(LocalPrepareAndFinalize(quant), TorchExperts(cfg))(x, weights, w, ids)
     assert rel_err(got, plain) > 0.05  # the weight was applied once, on the input, not twice or never
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu2"])
+def test_emulated_fused_and_two_step_paths_agree(activation, monkeypatch):
+    """The fused activation-quant (silu, gelu) gives the two-step path's bits, worst-case rows and all; relu2
+    always runs two-step. Both against the torch reference experts."""
+    e, k, hidden, inter, m = 5, 2, 256, 128, 17
+    quant = QuantConfig.fp8_block()
+    cfg = MoEConfig(e, k, hidden, inter, quant=quant, activation=activation)
+    g = torch.Generator().manual_seed(21)
+    w1_rows = 2 * inter if activation != "relu2" else inter
+    w1, s1 = quantize_block_weight(torch.randn(e, w1_rows, hidden, generator=g) * 0.05)
+    w2, s2 = quantize_block_weight(torch.randn(e, hidden, inter, generator=g) * 0.05)
+    weights = ExpertWeights(w1, w2, s1, s2)
+    x = torch.randn(m, hidden, generator=g).bfloat16()
+    w, ids = routing(m, e, k, 5)
+    calls = []
+    import moe_plugin.experts.deep_gemm as dgm
+
+    real = dgm.gated_act_fp8_quant
+    monkeypatch.setattr(dgm, "gated_act_fp8_quant", lambda *a, **kw: calls.append(kw["m_indices"]) or real(*a, **kw))
+    fused = EmulatedDeepGemmExperts(cfg)
+    two_step = EmulatedDeepGemmExperts(cfg)
+    two_step.fuse_activation_quant = False
+    got = ModularKernel(LocalPrepareAndFinalize(quant), fused)(x, weights, w, ids)
+    assert len(calls) == (0 if activation == "relu2" else 1)
+    if calls:  # worst-case rows, round_up(34 + 5 * 127, 128), with no count fetch; the unused tail is -1
+        assert calls[0].numel() == 768 and (calls[0][-128:] == -1).all()
+    base = ModularKernel(LocalPrepareAndFinalize(quant), two_step)(x, weights, w, ids)
+    assert torch.equal(got, base)
+    ref = ModularKernel(LocalPrepareAndFinalize(quant), TorchExperts(cfg))(x, weights, w, ids)
+    assert rel_err(got, ref) < 0.01
 
 
 def test_bench_summary_crossover_and_targets():

@@ -248,6 +248,25 @@ def test_ep_gather_matches_reference(backend):
     torch.testing.assert_close(given.double(), ref, rtol=1e-6, atol=1e-6)
 
 
+def test_ep_gather_without_weights_sums_the_local_rows(backend):
+    m, k, e = 9, 3, 6
+    x, ids, _, _ = make_inputs(m, k, e, 48, torch.bfloat16, seed=6)
+    expert_map, n_local = expert_map_for("ep", e)
+    res = ep_scatter(x, None, ids, n_local, expert_map, alignment=16)
+    out = ep_gather(res.hidden_states, None, res.inv_perm, out=torch.empty(m, 48, dtype=torch.float32))
+    # plain loop: the unweighted fp32 sum of each token's rows that were placed on this rank
+    for t in range(m):
+        want = torch.zeros(48, dtype=torch.float64)
+        for j in range(k):
+            r = int(res.inv_perm[t, j])
+            if r >= 0:
+                want += x[t].double()  # a placed slot's row is the token itself
+        torch.testing.assert_close(out[t].double(), want, rtol=1e-6, atol=1e-6)
+    assert (res.inv_perm < 0).any() and (res.inv_perm >= 0).any()  # both kinds of slot occurred
+    with pytest.raises(ValueError, match=r"2-D \[num_tokens, top_k\]"):
+        ep_gather(res.hidden_states, None, res.inv_perm.reshape(-1))
+
+
 def test_ep_scatter_rejects_a_bad_m_sum():
     x = torch.zeros(4, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of alignment"):
