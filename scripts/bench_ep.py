@@ -267,6 +267,16 @@ def main() -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ep.world_size))
     records = []
     for pt in points(args):
+        if args.pf == "deepep_ll":
+            from moe_plugin.prepare_finalize.deepep_ll import DeepEPLLPrepareAndFinalize
+
+            cfg = MoEConfig(pt["experts"], pt["top_k"], pt["hidden"], 128, parallel=ParallelConfig(ep.world_size, ep.rank),
+                            max_num_tokens=max(pt["tokens"], 1))
+            problems = DeepEPLLPrepareAndFinalize._mode_problems(cfg)
+            if problems:  # the same on every rank: a config fact, so no rank is left waiting
+                if ep.rank == 0:
+                    print(f"{args.pf:<9} {pt['name']:<22} skipped: {'; '.join(problems)}", flush=True)
+                continue
         rec = bench_point(pt, args, ep, device)
         records.append(rec)
         if ep.rank == 0:
