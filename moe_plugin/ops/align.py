@@ -13,27 +13,36 @@ Semantics (vLLM's ``moe_align_block_size``):
   tail reads ``expert_map[0]``).
 - Slots whose id lies outside ``[0, num_experts)`` (e.g. -1 for "dropped") are neither counted nor placed.
 
-The Triton implementation is three launches with no host synchronisation and a grid that depends only
-on ``numel`` and ``num_experts``:
+The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
+and ``num_experts``, in one launch for small problems and two otherwise (inside a CUDA graph each launch
+costs a few microseconds of its own, which dominates at these sizes):
 
-1. rank: each program takes a chunk of slots (32 up to 32k slots, larger beyond so that there are at
-   most 1024 chunks) and computes every slot's rank among the chunk's slots of the same expert: a stable
-   32 x 32 comparison per sub-block of 32 slots, carried across sub-blocks in the program's own row of a
-   ``[chunks, experts]`` count table, which ends holding the chunk's count per expert. It also writes the
-   sentinel over its share of ``sorted_token_ids``.
-2. scan: per expert, exclusive prefix of the counts over the chunks (in place) and the expert's total.
-3. place: every program derives the padded expert offsets from the totals (a cumsum over experts in
-   registers); chunk programs write ``sorted_token_ids[offset + prefix + rank] = slot``, the others write
-   the expert id of a tile of blocks.
+- One program (``numel <= 1024``, at most 1024 experts): the program loads every slot, counts the experts
+  with a histogram, sorts the distinct codes ``(expert, slot)`` (a stable sort by expert), and writes each
+  sorted slot to its expert's padded offset plus its position within the expert. Block ids come from a
+  histogram of the experts' end blocks.
+- Two launches otherwise. Rank and scan: each program ranks a chunk of 256 to 4096 slots (about 32
+  chunks; never more than 1024) with the same histogram and sort, writes its row of a ``[chunks,
+  experts]`` count table and the sentinel over its share of ``sorted_token_ids``. The scan over the
+  chunks needs every row, which no program can wait for: instead each program, once its row is stored,
+  draws a ticket (an ``acq_rel`` atomic) of its group of up to 32 chunks, and the program drawing the
+  group's last ticket scans the group's rows (exclusive prefix per expert, in place) and draws a ticket of
+  the final count; the last group scans the group totals, which yields every expert's total. Place: every
+  program derives the padded expert offsets from the totals; chunk programs write
+  ``sorted_token_ids[offset + group prefix + chunk prefix + rank] = slot``, the others the expert id of a
+  tile of blocks.
 
-The count table is ``chunks x experts`` (at most 1024 rows), instead of the ``experts x experts`` table of
-the original four-stage kernel whose stage-1 programs each walk ``numel / experts`` slots serially, and
-every stage is parallel. Comparisons wider than 32 x 32 spill registers (measured on an H100), hence the
-sub-blocks.
+The tickets live in a zeroed per-stream row of a cached workspace (``_TicketPool``) and the programs that
+use them last set them back to zero, so no launch is spent on clearing them; a graph replay finds them at
+zero as an eager call does. Two launches that may overlap in time (different streams) use different rows;
+graphs captured on one stream share that stream's row, so they must not be replayed concurrently.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -46,12 +55,24 @@ try:
 except ImportError:  # torch-only installs: the kernels below are never launched
     tl = None
 
+logger = logging.getLogger(__name__)
+
+# One program sorts problems up to this many slots (and keys, and blocks) in a single launch.
+_ONE_PROGRAM_MAX_SLOTS = 1024
+_ONE_PROGRAM_MAX_KEYS = 1024
+_ONE_PROGRAM_MAX_BLOCKS = 4096
+# Two-launch path: chunks of 256..4096 slots, about 32 of them, never more than 1024 (32 groups of 32).
+_CHUNK_MIN = 256
+_CHUNK_MAX = 4096
+_TARGET_CHUNKS = 32
 _MAX_CHUNKS = 1024
+_MAX_GROUP_ROWS = 32
 _SCAN_TILE = 4096
-# 32x32 comparisons per sub-block: larger tiles spill registers and run several times slower (H100).
-_RANK_SUB = 32
 _FILL_BLOCK = 1024
 _BLOCKS_PER_PROGRAM = 64
+# Tickets of one launch: one per group of chunks (at most 32 groups of 32 chunks), then the last one.
+_TICKETS_PER_STREAM = 64
+_TICKET_ROWS_PER_TABLE = 16
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -194,6 +215,54 @@ def sort_slots_torch(keys: torch.Tensor, num_keys: int, block: int, out: SlotSor
         out.counts.copy_(counts)
 
 
+def _single_program_fits(numel: int, num_keys: int, n_blocks: int) -> bool:
+    """Whether one program sorts the whole problem (see the module docstring)."""
+    return numel <= _ONE_PROGRAM_MAX_SLOTS and num_keys <= _ONE_PROGRAM_MAX_KEYS and n_blocks < _ONE_PROGRAM_MAX_BLOCKS
+
+
+class _TicketPool:
+    """Zeroed int32 ticket rows for the two-launch path, one row per (device, stream).
+
+    Every launch leaves its tickets at zero again, so a row is reusable by the next launch that is ordered
+    after it, which is any later launch on the same stream and any replay of a graph captured on it. Launches
+    that may overlap in time must use different rows, hence one row per stream. A row is zeroed when the
+    pool grows, which cannot happen while a stream is capturing (the zeroing would only run on replay); a
+    capture that finds no free row gets a zeroed row of its own, allocated inside the graph.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[torch.device, int], torch.Tensor] = {}
+        self._spare: dict[torch.device, list[torch.Tensor]] = {}
+        self._warned: set[torch.device] = set()
+
+    def get(self, device: torch.device) -> torch.Tensor:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        with self._lock:
+            row = self._rows.get((device, stream))
+            if row is not None:
+                return row
+            spare = self._spare.setdefault(device, [])
+            if not spare:
+                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                    if device not in self._warned:
+                        self._warned.add(device)
+                        logger.warning(
+                            "moe_plugin align: a stream on %s is first used during CUDA graph capture; its "
+                            "tickets are zeroed inside the graph (one extra kernel per call). Call the op "
+                            "once before capturing to avoid it.",
+                            device,
+                        )
+                    return torch.zeros((_TICKETS_PER_STREAM,), dtype=torch.int32, device=device)
+                table = torch.zeros((_TICKET_ROWS_PER_TABLE, _TICKETS_PER_STREAM), dtype=torch.int32, device=device)
+                spare.extend(table.unbind(0))
+            row = self._rows[(device, stream)] = spare.pop()
+            return row
+
+
+_tickets = _TicketPool()
+
+
 def sort_slots_triton(
     ids: torch.Tensor,
     top_k: int,
@@ -204,7 +273,7 @@ def sort_slots_triton(
     key_map: torch.Tensor | None = None,
     valid_tokens: torch.Tensor | None = None,
 ) -> None:
-    """Run the three kernels on flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them).
+    """Sort flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them) in one or two launches.
 
     ``key_map`` turns an id into its key (ids outside ``[0, len(key_map))`` get no key); without it the id
     is the key. With ``valid_tokens`` only the first ``valid_tokens * top_k`` slots take part; the grid and
@@ -212,21 +281,10 @@ def sort_slots_triton(
     """
     numel = ids.numel()
     device = ids.device
-    sub = min(_RANK_SUB, max(16, _next_pow2(numel)))
-    chunk = max(sub, _next_pow2(_cdiv(numel, _MAX_CHUNKS)))
-    n_chunks = max(1, _cdiv(numel, chunk))
-    keys_p2 = max(16, _next_pow2(num_keys))
-
-    # counts[chunk, key]: slots of `key` in `chunk`, then (after the scan) those in earlier chunks.
-    counts = torch.empty((n_chunks, num_keys), dtype=torch.int32, device=device)
-    ranks = torch.empty((max(numel, 1),), dtype=torch.int32, device=device)
-    totals = out.counts if out.counts is not None else torch.empty((num_keys,), dtype=torch.int32, device=device)
-
-    dummy = totals  # stands in for absent optional pointers; never dereferenced
+    dummy = ids  # stands in for absent optional pointers; never dereferenced
     fill_len = out.sorted_ids.numel() if out.sorted_ids is not None else 0
-    fill_per_program = _cdiv(_cdiv(fill_len, n_chunks), _FILL_BLOCK) * _FILL_BLOCK
     max_tokens = numel // top_k if top_k else 0
-    # The slots and their keys, as both passes over the ids read them (their leading parameters).
+    # The slots and their keys, as every kernel reads them (their leading parameters).
     slot_args = (
         ids,
         valid_tokens if valid_tokens is not None else dummy,
@@ -238,42 +296,8 @@ def sort_slots_triton(
         num_keys,
     )
     slot_flags = dict(HAS_VALID=valid_tokens is not None, HAS_KEY_MAP=key_map is not None)
-
-    _rank_kernel[(n_chunks,)](
-        *slot_args,
-        counts,
-        ranks,
-        out.sorted_ids if out.sorted_ids is not None else dummy,
-        fill_len,
-        out.sentinel,
-        fill_per_program,
-        **slot_flags,
-        CHUNK=chunk,
-        SUB=sub,
-        FILL_BLOCK=_FILL_BLOCK,
-        KEYS_BLOCK=min(keys_p2, 1024),
-        num_warps=4,
-        # The loop reads counts the previous iteration stored; a pipelined (prefetched) load would not.
-        num_stages=1,
-    )
-
-    # One tile of all chunks x (4096 / chunks) keys per program: a serial walk over chunk tiles costs an L2
-    # round trip per tile, and much larger tiles spill registers (both measured on an H100).
-    block_c = max(16, min(_next_pow2(n_chunks), _SCAN_TILE))
-    block_k = max(1, _SCAN_TILE // block_c)
-    _scan_kernel[(_cdiv(num_keys, block_k),)](
-        counts, n_chunks, num_keys, totals, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4
-    )
-
     n_blocks = out.block_keys.numel() // out.block_repeat if out.block_keys is not None else 0
-    n_block_programs = _cdiv(n_blocks, _BLOCKS_PER_PROGRAM)
-    _place_kernel[(n_chunks + n_block_programs,)](
-        *slot_args,
-        block,
-        counts,
-        ranks,
-        totals,
-        n_chunks,
+    output_args = (
         out.sorted_ids if out.sorted_ids is not None else dummy,
         out.inv if out.inv is not None else dummy,
         out.num_tokens_post_padded if out.num_tokens_post_padded is not None else dummy,
@@ -282,17 +306,99 @@ def sort_slots_triton(
         n_blocks,
         out.block_tail,
         out.block_key_map if out.block_key_map is not None else dummy,
-        **slot_flags,
+    )
+    output_flags = dict(
         HAS_SORTED=out.sorted_ids is not None,
         HAS_INV=out.inv is not None,
         HAS_NTPP=out.num_tokens_post_padded is not None,
         HAS_OFFSETS=out.offsets is not None,
         HAS_BLOCK_MAP=out.block_key_map is not None,
-        KEYS_P2=keys_p2,
-        CHUNK=chunk,
-        BLOCK_TILE=_BLOCKS_PER_PROGRAM,
         REPEAT=out.block_repeat,
         REPEAT_P2=_next_pow2(out.block_repeat),
+    )
+
+    if _single_program_fits(numel, num_keys, n_blocks):
+        _one_program_kernel[(1,)](
+            *slot_args,
+            block,
+            fill_len,
+            out.sentinel,
+            out.counts if out.counts is not None else dummy,
+            *output_args,
+            **slot_flags,
+            **output_flags,
+            HAS_COUNTS=out.counts is not None,
+            SLOTS=max(32, _next_pow2(numel)),
+            # tl.histogram wants at least a warp's worth of bins.
+            KEYS_P2=max(32, _next_pow2(num_keys)),
+            BLOCKS_P2=max(32, _next_pow2(n_blocks + 1)),
+            FILL_BLOCK=_FILL_BLOCK,
+            num_warps=4,
+        )
+        return
+
+    # A few dozen chunks of up to 4096 slots: each program ranks its chunk in registers (one sort), and the
+    # count table stays small enough for the scans below.
+    chunk = min(_CHUNK_MAX, max(_CHUNK_MIN, _next_pow2(_cdiv(numel, _TARGET_CHUNKS))))
+    chunk = max(chunk, _next_pow2(_cdiv(numel, _MAX_CHUNKS)))
+    n_chunks = max(1, _cdiv(numel, chunk))
+    keys_p2 = max(32, _next_pow2(num_keys))
+    # Groups of up to 32 chunks: one group (one scan) up to 32 chunks, at most 32 groups.
+    group_rows = max(2, min(_next_pow2(n_chunks), _MAX_GROUP_ROWS))
+    n_groups = _cdiv(n_chunks, group_rows)
+    groups_p2 = max(2, _next_pow2(n_groups))
+    if n_groups + 1 > _TICKETS_PER_STREAM:
+        raise ValueError(f"{numel} slots need {n_groups + 1} tickets, more than {_TICKETS_PER_STREAM}")
+
+    # counts[chunk, key]: slots of `key` in `chunk`, then (after the scan) those in earlier chunks of its group.
+    counts = torch.empty((n_chunks, num_keys), dtype=torch.int32, device=device)
+    # group_prefix[group, key]: slots of `key` in earlier groups.
+    group_prefix = torch.empty((n_groups, num_keys), dtype=torch.int32, device=device)
+    ranks = torch.empty((max(numel, 1),), dtype=torch.int32, device=device)
+    totals = out.counts if out.counts is not None else torch.empty((num_keys,), dtype=torch.int32, device=device)
+    tickets = _tickets.get(device)
+    fill_per_program = _cdiv(_cdiv(fill_len, n_chunks), _FILL_BLOCK) * _FILL_BLOCK
+
+    _rank_scan_kernel[(n_chunks,)](
+        *slot_args,
+        counts,
+        ranks,
+        out.sorted_ids if out.sorted_ids is not None else dummy,
+        fill_len,
+        out.sentinel,
+        fill_per_program,
+        group_prefix,
+        totals,
+        tickets,
+        n_chunks,
+        n_groups,
+        **slot_flags,
+        CHUNK=chunk,
+        KEYS_P2=keys_p2,
+        FILL_BLOCK=_FILL_BLOCK,
+        GROUP_ROWS=group_rows,
+        GROUPS_P2=groups_p2,
+        GROUP_KEYS_TILE=min(keys_p2, max(1, _SCAN_TILE // group_rows)),
+        TOTAL_KEYS_TILE=min(keys_p2, max(1, _SCAN_TILE // groups_p2)),
+        num_warps=4,
+    )
+
+    n_block_programs = _cdiv(n_blocks, _BLOCKS_PER_PROGRAM)
+    _place_kernel[(n_chunks + n_block_programs,)](
+        *slot_args,
+        block,
+        counts,
+        group_prefix,
+        ranks,
+        totals,
+        n_chunks,
+        *output_args,
+        **slot_flags,
+        **output_flags,
+        KEYS_P2=keys_p2,
+        CHUNK=chunk,
+        GROUP_ROWS=group_rows,
+        BLOCK_TILE=_BLOCKS_PER_PROGRAM,
         num_warps=4,
     )
 
@@ -321,7 +427,133 @@ def _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP
 
 
 @kernel
-def _rank_kernel(
+def _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HAS_BLOCK_MAP: tl.constexpr,
+                      REPEAT: tl.constexpr, REPEAT_P2: tl.constexpr):
+    in_range = blocks < n_blocks
+    if HAS_BLOCK_MAP:
+        owner = tl.load(block_map_ptr + owner, mask=in_range, other=0).to(tl.int32)
+    if REPEAT == 1:
+        tl.store(block_keys_ptr + blocks, owner, mask=in_range)
+    else:
+        rep = tl.arange(0, REPEAT_P2)
+        ptrs = block_keys_ptr + blocks[:, None] * REPEAT + rep[None, :]
+        vals = tl.broadcast_to(owner[:, None], (owner.shape[0], REPEAT_P2))
+        tl.store(ptrs, vals, mask=in_range[:, None] & (rep[None, :] < REPEAT))
+
+
+@kernel
+def _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP: tl.constexpr, HAS_OFFSETS: tl.constexpr):
+    if HAS_NTPP:
+        tl.store(ntpp_ptr, total)
+    if HAS_OFFSETS:
+        keys = tl.arange(0, ends.shape[0])
+        tl.store(offsets_ptr + 1 + keys, ends.to(tl.int64), mask=key_ok)
+        tl.store(offsets_ptr, total.to(tl.int64) * 0)
+
+
+@kernel
+def _one_program_kernel(
+    ids_ptr,
+    valid_ptr,
+    numel,
+    max_tokens,
+    top_k,
+    key_map_ptr,
+    n_ids,
+    num_keys,
+    block,
+    fill_len,
+    fill_value,
+    counts_ptr,
+    sorted_ptr,
+    inv_ptr,
+    ntpp_ptr,
+    offsets_ptr,
+    block_keys_ptr,
+    n_blocks,
+    block_tail,
+    block_map_ptr,
+    HAS_VALID: tl.constexpr,
+    HAS_KEY_MAP: tl.constexpr,
+    HAS_SORTED: tl.constexpr,
+    HAS_INV: tl.constexpr,
+    HAS_NTPP: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr,
+    REPEAT: tl.constexpr,
+    REPEAT_P2: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
+    SLOTS: tl.constexpr,
+    KEYS_P2: tl.constexpr,
+    BLOCKS_P2: tl.constexpr,
+    FILL_BLOCK: tl.constexpr,
+):
+    n_valid = _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID)
+    slots = tl.arange(0, SLOTS)
+    keys, valid = _slot_keys(ids_ptr, slots, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+
+    if HAS_SORTED:
+        fill_offs = tl.arange(0, FILL_BLOCK)
+        sentinels = tl.zeros((FILL_BLOCK,), tl.int32) + fill_value
+        for f in range(0, fill_len, FILL_BLOCK):
+            tl.store(sorted_ptr + f + fill_offs, sentinels, mask=f + fill_offs < fill_len)
+
+    all_keys = tl.arange(0, KEYS_P2)
+    key_ok = all_keys < num_keys
+    # A histogram bins every input: invalid slots go to bin 0 and are taken out again.
+    n_invalid = SLOTS - tl.sum(valid.to(tl.int32), axis=0)
+    counts = tl.histogram(tl.where(valid, keys, 0), KEYS_P2) - tl.where(all_keys == 0, n_invalid, 0)
+    padded = (counts + block - 1) // block * block
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+
+    # (key, slot) codes are distinct, so sorting them is a stable sort by key; invalid slots sort last.
+    code = tl.sort(tl.where(valid, keys, KEYS_P2) * SLOTS + slots)
+    s_key = code // SLOTS
+    s_slot = code % SLOTS
+    s_valid = s_key < num_keys
+    # Sorted position p holds the (p - first[key])-th slot of its key, which goes to starts[key] + that.
+    shift = starts - (tl.cumsum(counts, axis=0) - counts)
+    dest = slots + tl.gather(shift, tl.where(s_valid, s_key, 0), 0)
+    if HAS_SORTED:
+        # The sentinel stores of other threads to these entries come first.
+        tl.debug_barrier()
+        tl.store(sorted_ptr + dest, s_slot, mask=s_valid)
+    if HAS_INV:
+        tl.store(inv_ptr + s_slot, tl.where(s_valid, dest, -1), mask=s_slot < numel)
+    if HAS_COUNTS:
+        tl.store(counts_ptr + all_keys, counts, mask=key_ok)
+    _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP, HAS_OFFSETS)
+
+    # Block b belongs to the first key ending past it: the owner is the number of keys ending at or before
+    # it, a running sum of the histogram of the keys' end blocks. Padding keys end past every block.
+    # (The clamp keeps the histogram's input in range should the keys fill more than the n_blocks buffer.)
+    if n_blocks > 0:
+        end_blocks = tl.where(key_ok, tl.minimum(ends // block, BLOCKS_P2 - 1), BLOCKS_P2 - 1)
+        owner = tl.cumsum(tl.histogram(end_blocks, BLOCKS_P2), axis=0)
+        blocks = tl.arange(0, BLOCKS_P2)
+        owner = tl.where(blocks * block < total, owner, block_tail)
+        _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HAS_BLOCK_MAP, REPEAT, REPEAT_P2)
+
+
+@kernel
+def _exclusive_scan_rows(ptr, n_rows, num_keys, sums_ptr, ROWS: tl.constexpr, KEYS_TILE: tl.constexpr):
+    """Per key, the exclusive prefix over the rows of the ``[n_rows, num_keys]`` table at ``ptr`` (in place),
+    and the column sums to ``sums_ptr``. Rows written by other programs are read from L2 (``.cg``)."""
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, KEYS_TILE)
+    for k in range(0, num_keys, KEYS_TILE):
+        keys = k + cols
+        mask = (rows[:, None] < n_rows) & (keys[None, :] < num_keys)
+        ptrs = ptr + rows[:, None] * num_keys + keys[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
+        tl.store(ptrs, tl.cumsum(tile, axis=0) - tile, mask=mask)
+        tl.store(sums_ptr + keys, tl.sum(tile, axis=0), mask=keys < num_keys)
+
+
+@kernel
+def _rank_scan_kernel(
     ids_ptr,
     valid_ptr,
     numel,
@@ -336,23 +568,25 @@ def _rank_kernel(
     fill_len,
     fill_value,
     fill_per_program,
+    group_prefix_ptr,
+    totals_ptr,
+    tickets_ptr,
+    n_chunks,
+    n_groups,
     HAS_VALID: tl.constexpr,
     HAS_KEY_MAP: tl.constexpr,
     CHUNK: tl.constexpr,
-    SUB: tl.constexpr,
+    KEYS_P2: tl.constexpr,
     FILL_BLOCK: tl.constexpr,
-    KEYS_BLOCK: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    GROUPS_P2: tl.constexpr,
+    GROUP_KEYS_TILE: tl.constexpr,
+    TOTAL_KEYS_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_valid = _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID)
-    lane = tl.arange(0, SUB)
-    # This program's row of the count table.
-    row = counts_ptr + pid * num_keys
-
-    if CHUNK == SUB:
-        # Issue the slot loads before the stores below so their latency overlaps.
-        offs = pid * CHUNK + lane
-        keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+    lane = tl.arange(0, CHUNK)
+    keys, valid = _slot_keys(ids_ptr, pid * CHUNK + lane, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
 
     fill_offs = tl.arange(0, FILL_BLOCK)
     fill_start = pid * fill_per_program
@@ -360,55 +594,43 @@ def _rank_kernel(
     for f in range(fill_start, fill_end, FILL_BLOCK):
         tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
 
-    key_offs = tl.arange(0, KEYS_BLOCK)
-    for k in range(0, num_keys, KEYS_BLOCK):
-        tl.store(row + k + key_offs, tl.zeros((KEYS_BLOCK,), tl.int32), mask=k + key_offs < num_keys)
-    # The row is this program's count per key; its threads read and write each other's entries.
+    # The chunk's count per key (a histogram bins every input: invalid slots go to bin 0 and come out again).
+    all_keys = tl.arange(0, KEYS_P2)
+    n_invalid = CHUNK - tl.sum(valid.to(tl.int32), axis=0)
+    counts = tl.histogram(tl.where(valid, keys, 0), KEYS_P2) - tl.where(all_keys == 0, n_invalid, 0)
+    tl.store(counts_ptr + pid * num_keys + all_keys, counts, mask=all_keys < num_keys)
+    # Each slot's rank among the chunk's slots of its key, by a sort of distinct (key, lane) codes as in
+    # the one-program kernel.
+    code = tl.sort(tl.where(valid, keys, KEYS_P2) * CHUNK + lane)
+    s_key = code // CHUNK
+    s_valid = s_key < num_keys
+    rank = lane - tl.gather(tl.cumsum(counts, axis=0) - counts, tl.where(s_valid, s_key, 0), 0)
+    tl.store(ranks_ptr + pid * CHUNK + code % CHUNK, rank, mask=s_valid)
+
+    # The scan, without a launch of its own: the last program of each group to finish (the one drawing the
+    # group's last ticket) scans the group's rows; the last of those scans the group totals. The barrier
+    # orders every thread's row stores before the release of the ticket, whose acquire by the last program
+    # orders them before its loads. Nobody waits, so the programs may run in any order (or one by one, as
+    # in the interpreter). The last programs reset their tickets for the next launch.
     tl.debug_barrier()
-
-    if CHUNK == SUB:
-        # One sub-block: (key, lane) packed into one int orders it stably; a slot's rank is the number of
-        # codes in [key * SUB, its own code), its key's count the number in [key * SUB, (key + 1) * SUB).
-        # Invalid slots have negative codes and are never counted.
-        code = keys * SUB + lane
-        low = keys * SUB
-        rank = tl.sum(((code[None, :] >= low[:, None]) & (code[None, :] < code[:, None])).to(tl.int32), axis=1)
-        same = tl.sum(((code[None, :] >= low[:, None]) & (code[None, :] < low[:, None] + SUB)).to(tl.int32), axis=1)
-        tl.store(ranks_ptr + offs, rank, mask=valid)
-        # Every slot of a key writes the same count: which store lands does not matter.
-        tl.store(row + keys, same, mask=valid)
-    else:
-        for s in range(0, CHUNK, SUB):
-            offs = pid * CHUNK + s + lane
-            keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
-            code = keys * SUB + lane
-            low = keys * SUB
-            rank_in_sub = tl.sum(
-                ((code[None, :] >= low[:, None]) & (code[None, :] < code[:, None])).to(tl.int32), axis=1
-            )
-            # .cg: read the counts from L2, where the atomics of the previous sub-block landed.
-            rank = tl.load(row + keys, mask=valid, other=0, cache_modifier=".cg") + rank_in_sub
-            tl.store(ranks_ptr + offs, rank, mask=valid)
-            tl.atomic_max(row + keys, rank + 1, mask=valid)
-            tl.debug_barrier()
-
-
-@kernel
-def _scan_kernel(counts_ptr, n_chunks, num_keys, totals_ptr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    # A strip of keys of the row-major table per program; the loop runs once unless chunks > BLOCK_C.
-    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
-    key_ok = keys < num_keys
-    running = tl.zeros((BLOCK_K,), tl.int32)
-    chunk_lane = tl.arange(0, BLOCK_C)
-    for c in range(0, n_chunks, BLOCK_C):
-        chunks = c + chunk_lane
-        mask = (chunks[:, None] < n_chunks) & key_ok[None, :]
-        ptrs = counts_ptr + chunks[:, None] * num_keys + keys[None, :]
-        tile = tl.load(ptrs, mask=mask, other=0)
-        inclusive = tl.cumsum(tile, axis=0)
-        tl.store(ptrs, inclusive - tile + running[None, :], mask=mask)
-        running += tl.sum(tile, axis=0)
-    tl.store(totals_ptr + keys, running, mask=key_ok)
+    group = pid // GROUP_ROWS
+    rows_in_group = tl.minimum(n_chunks - group * GROUP_ROWS, GROUP_ROWS)
+    ticket = tl.atomic_add(tickets_ptr + group, 1, sem="acq_rel", scope="gpu")
+    if ticket == rows_in_group - 1:
+        tl.store(tickets_ptr + group, 0)
+        _exclusive_scan_rows(
+            counts_ptr + group * GROUP_ROWS * num_keys,
+            rows_in_group,
+            num_keys,
+            group_prefix_ptr + group * num_keys,
+            GROUP_ROWS,
+            GROUP_KEYS_TILE,
+        )
+        tl.debug_barrier()
+        last = tl.atomic_add(tickets_ptr + n_groups, 1, sem="acq_rel", scope="gpu")
+        if last == n_groups - 1:
+            tl.store(tickets_ptr + n_groups, 0)
+            _exclusive_scan_rows(group_prefix_ptr, n_groups, num_keys, totals_ptr, GROUPS_P2, TOTAL_KEYS_TILE)
 
 
 @kernel
@@ -423,6 +645,7 @@ def _place_kernel(
     num_keys,
     block,
     counts_ptr,
+    group_prefix_ptr,
     ranks_ptr,
     totals_ptr,
     n_chunks,
@@ -441,11 +664,12 @@ def _place_kernel(
     HAS_NTPP: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
     HAS_BLOCK_MAP: tl.constexpr,
-    KEYS_P2: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_TILE: tl.constexpr,
     REPEAT: tl.constexpr,
     REPEAT_P2: tl.constexpr,
+    KEYS_P2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    GROUP_ROWS: tl.constexpr,
+    BLOCK_TILE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # The slot loads do not depend on the offsets: issue them first (block programs load nothing: their
@@ -464,16 +688,13 @@ def _place_kernel(
     total = tl.sum(padded, axis=0)
 
     if pid == 0:
-        if HAS_NTPP:
-            tl.store(ntpp_ptr, total)
-        if HAS_OFFSETS:
-            tl.store(offsets_ptr + 1 + all_keys, ends.to(tl.int64), mask=key_ok)
-            tl.store(offsets_ptr, total.to(tl.int64) * 0)
+        _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP, HAS_OFFSETS)
 
     if pid < n_chunks:
-        # Fold the key offsets into this program's row so each slot needs one gather.
+        # Fold the key offsets and the group's prefix into this program's row so each slot needs one gather.
         row = counts_ptr + pid * num_keys
         prefix = tl.load(row + all_keys, mask=key_ok, other=0)
+        prefix += tl.load(group_prefix_ptr + (pid // GROUP_ROWS) * num_keys + all_keys, mask=key_ok, other=0)
         tl.store(row + all_keys, prefix + starts, mask=key_ok)
         tl.debug_barrier()
         dest = tl.load(row + keys, mask=valid, other=0, cache_modifier=".cg") + rank
@@ -486,16 +707,7 @@ def _place_kernel(
         first_row = blocks * block
         owner = tl.sum(((ends[None, :] <= first_row[:, None]) & key_ok[None, :]).to(tl.int32), axis=1)
         owner = tl.where(first_row < total, owner, block_tail)
-        in_range = blocks < n_blocks
-        if HAS_BLOCK_MAP:
-            owner = tl.load(block_map_ptr + owner, mask=in_range, other=0).to(tl.int32)
-        if REPEAT == 1:
-            tl.store(block_keys_ptr + blocks, owner, mask=in_range)
-        else:
-            rep = tl.arange(0, REPEAT_P2)
-            ptrs = block_keys_ptr + blocks[:, None] * REPEAT + rep[None, :]
-            vals = tl.broadcast_to(owner[:, None], (BLOCK_TILE, REPEAT_P2))
-            tl.store(ptrs, vals, mask=in_range[:, None] & (rep[None, :] < REPEAT))
+        _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HAS_BLOCK_MAP, REPEAT, REPEAT_P2)
 
 
 # ----------------------------------------------------------------------------------------------------

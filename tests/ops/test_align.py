@@ -1,4 +1,9 @@
-"""moe_align_block_size and its graph-safe form against a plain-loop reference, on both CPU backends."""
+"""moe_align_block_size and its graph-safe form against a plain-loop reference, on both CPU backends.
+
+The Triton engine has two paths (one program for small problems, else a rank-and-scan launch and a place
+launch); under the interpreter the ``path`` fixture runs a test through each of them, the second with
+chunks and groups shrunk so that small inputs span several of both.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,38 @@ import math
 import pytest
 import torch
 
-from moe_plugin.ops.align import align_buffer_sizes, moe_align_block_size, moe_align_block_size_graph_safe
+import moe_plugin.ops.align as align_mod
+from moe_plugin.ops.align import (
+    SlotSortOutputs,
+    align_buffer_sizes,
+    moe_align_block_size,
+    moe_align_block_size_graph_safe,
+    sort_slots_torch,
+    sort_slots_triton,
+)
+
+
+def force_two_launches(monkeypatch, chunk=None, group_rows=None):
+    monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", -1)
+    if chunk is not None:
+        monkeypatch.setattr(align_mod, "_CHUNK_MIN", chunk)
+        monkeypatch.setattr(align_mod, "_CHUNK_MAX", chunk)
+    if group_rows is not None:
+        monkeypatch.setattr(align_mod, "_MAX_GROUP_ROWS", group_rows)
+
+
+@pytest.fixture(params=["one_launch", "two_launches"])
+def path(request, backend, monkeypatch):
+    """Which Triton path runs (the torch backend has one path: its second parametrization is skipped)."""
+    if not backend.interpreted:
+        if request.param == "two_launches":
+            pytest.skip("the torch fallback has a single path")
+        return request.param
+    if request.param == "two_launches":
+        force_two_launches(monkeypatch, chunk=32, group_rows=2)
+    else:
+        monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", 1 << 20)
+    return request.param
 
 
 def naive_align(ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False, valid_tokens=None):
@@ -78,7 +114,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("m,k,e,bs,pad,map_kind", CASES)
-def test_matches_reference(backend, m, k, e, bs, pad, map_kind):
+def test_matches_reference(backend, path, m, k, e, bs, pad, map_kind):
     ids = random_ids(m, k, e, seed=m * 31 + e, invalid=True)
     expert_map = None
     if map_kind == "ep":
@@ -91,23 +127,21 @@ def test_matches_reference(backend, m, k, e, bs, pad, map_kind):
     assert result[0].numel() == align_buffer_sizes(m * k, bs, e, pad)[0]
 
 
-def test_all_slots_on_one_expert(backend):
+def test_all_slots_on_one_expert(backend, path):
     ids = torch.full((20, 1), 3, dtype=torch.int32)
     ids[::2] = 3
     check(moe_align_block_size(ids, 16, 5), naive_align(ids, 16, 5))
 
 
-def test_stable_within_an_expert_across_chunks(backend):
+def test_stable_within_an_expert_across_chunks(backend, path):
     # More slots than one program's chunk: the order inside each expert must still be the flat order.
     ids = torch.tensor([[i % 3, (i * 7 + 1) % 3] for i in range(80)], dtype=torch.int32)
     check(moe_align_block_size(ids, 16, 3), naive_align(ids, 16, 3))
 
 
-def test_chunks_of_several_sub_blocks(backend, monkeypatch):
-    # Large inputs give each program several 32-slot sub-blocks, carried by running counts; force that here.
-    import moe_plugin.ops.align as align_mod
-
-    monkeypatch.setattr(align_mod, "_MAX_CHUNKS", 2)
+def test_several_chunks_and_groups(backend, monkeypatch):
+    # 5 chunks of 32 slots in groups of 2, 2 and 1 chunks: both scans, an uneven last group.
+    force_two_launches(monkeypatch, chunk=32, group_rows=2)
     ids = random_ids(40, 4, 6, seed=5, invalid=True)
     expert_map = torch.tensor([1, -1, 0, 3, 2, -1], dtype=torch.int32)
     check(moe_align_block_size(ids, 16, 6, expert_map=expert_map), naive_align(ids, 16, 6, expert_map))
@@ -115,19 +149,94 @@ def test_chunks_of_several_sub_blocks(backend, monkeypatch):
     check(moe_align_block_size_graph_safe(ids, 16, 6, valid), naive_align(ids, 16, 6, valid_tokens=23))
 
 
-def test_int64_ids_accepted(backend):
+def test_int64_ids_accepted(backend, path):
     ids = random_ids(7, 2, 9, seed=3).long()
     check(moe_align_block_size(ids, 16, 9), naive_align(ids, 16, 9))
 
 
 @pytest.mark.parametrize("valid", [0, 1, 5, 12, 40])
-def test_graph_safe_equals_the_sliced_call(backend, valid):
+def test_graph_safe_equals_the_sliced_call(backend, path, valid):
     max_tokens, k, e, bs = 12, 3, 7, 16
     ids = random_ids(max_tokens, k, e, seed=11)
     expert_map = torch.tensor([0, -1, 1, -1, 2, 3, -1], dtype=torch.int32)
     count = torch.tensor([valid], dtype=torch.int32)
     result = moe_align_block_size_graph_safe(ids, bs, e, count, expert_map=expert_map, pad_sorted_ids=True)
     check(result, naive_align(ids, bs, e, expert_map, True, valid_tokens=valid))
+
+
+@pytest.mark.parametrize("m,k,e,launches", [(128, 8, 128, 1), (205, 5, 128, 2), (3, 2, 1025, 2), (3, 2, 1024, 1)])
+def test_path_boundaries(interpreter, m, k, e, launches):
+    # The default limits: 1024 slots and 1024 experts go to one program, one more of either to two launches.
+    assert (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._ONE_PROGRAM_MAX_KEYS) == (1024, 1024)
+    ids = random_ids(m, k, e, seed=m + e, invalid=True)
+    check(moe_align_block_size(ids, 64, e), naive_align(ids, 64, e))
+    assert interpreter.launches == launches
+
+
+def test_tickets_reset_between_calls(interpreter, monkeypatch):
+    # The last program of each launch zeroes the tickets; a stale ticket would make the next call skip the
+    # scan of a group (wrong offsets). 37 chunks of 32 slots: groups of 32 and 5 chunks.
+    force_two_launches(monkeypatch, chunk=32)
+    tickets = align_mod._tickets.get(torch.device("cpu"))
+    ids = random_ids(148, 8, 40, seed=7, invalid=True)
+    expected = naive_align(ids, 16, 40)
+    first = moe_align_block_size(ids, 16, 40)
+    check(first, expected)
+    assert interpreter.launches == 2
+    assert not tickets.any()
+    second = moe_align_block_size(ids, 16, 40)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # Another grid (one group of 6 chunks) right after, then the first again.
+    other = random_ids(24, 8, 40, seed=8)
+    check(moe_align_block_size(other, 16, 40), naive_align(other, 16, 40))
+    check(moe_align_block_size(ids, 16, 40), expected)
+    assert not tickets.any()
+
+
+@pytest.mark.parametrize("two_launches", [False, True])
+@pytest.mark.parametrize("valid", [None, 9])
+def test_engine_outputs_match_torch(interpreter, monkeypatch, two_launches, valid):
+    # Every optional output of the shared engine (ops.permute uses inv, offsets, counts, repeated block keys)
+    # on both paths, against the torch engine on the local keys.
+    if two_launches:
+        force_two_launches(monkeypatch, chunk=16, group_rows=2)
+    m, k, e_global, n_local, block, repeat = 13, 4, 12, 5, 8, 3
+    ids = random_ids(m, k, e_global, seed=21, invalid=True)
+    key_map = torch.full((e_global,), -1, dtype=torch.int32)
+    key_map[torch.tensor([2, 3, 5, 8, 11])] = torch.tensor([4, 0, 1, 3, 2], dtype=torch.int32)
+    block_map = torch.tensor([10, 11, 12, 13, 14], dtype=torch.int32)
+    numel = m * k
+    flat = ids.reshape(-1).long()
+    mapped = key_map.long()[flat.clamp(0, e_global - 1)]
+    keys = torch.where((flat >= 0) & (flat < e_global), mapped, torch.full_like(flat, -1))
+    if valid is not None:
+        keys = keys[: valid * k]
+    length, n_blocks = align_buffer_sizes(numel, block, n_local)
+
+    def outputs():
+        return SlotSortOutputs(
+            sorted_ids=torch.full((length,), -7, dtype=torch.int32),
+            sentinel=numel,
+            inv=torch.full((numel,), -7, dtype=torch.int32),
+            block_keys=torch.full((n_blocks * repeat,), -7, dtype=torch.int32),
+            block_tail=4,
+            block_repeat=repeat,
+            block_key_map=block_map,
+            num_tokens_post_padded=torch.full((1,), -7, dtype=torch.int32),
+            offsets=torch.full((n_local + 1,), -7, dtype=torch.int64),
+            counts=torch.full((n_local,), -7, dtype=torch.int32),
+        )
+
+    ref, got = outputs(), outputs()
+    sort_slots_torch(keys, n_local, block, ref)
+    valid_tokens = None if valid is None else torch.tensor([valid], dtype=torch.int32)
+    sort_slots_triton(ids.reshape(-1), k, n_local, block, got, key_map=key_map, valid_tokens=valid_tokens)
+    assert interpreter.launches == (2 if two_launches else 1)
+    for field in ("sorted_ids", "inv", "block_keys", "num_tokens_post_padded", "offsets", "counts"):
+        assert torch.equal(getattr(got, field), getattr(ref, field)), field
+    if valid is not None:  # the torch engine saw only the valid slots: the others must read -1
+        assert bool((got.inv[valid * k :] == -1).all())
 
 
 @pytest.mark.parametrize(
