@@ -65,11 +65,24 @@ DEEPGEMM_M_ALIGNMENT = 128
 """Rows per expert in the contiguous layout are padded to this (``get_mk_alignment_for_contiguous_layout``
 of DeepGEMM 2.x on SM90/SM100; the library's own value is used when it is importable)."""
 
-DEEPGEMM_MIN_TOKENS = 1024
-"""Smallest ``MoEConfig.max_num_tokens`` (tokens per call on a rank) at which the oracle prefers
-DeepGemmExperts over the Triton FP8 experts. Measured by scripts/bench_deepgemm.py on an H100 (2026-11-25,
-DeepSeek-V3 EP8 shard, CUDA-graph medians): Triton FP8 is faster up to M=256 (550 vs 694 us), DeepGEMM
-from M=1024 (714 vs 721 us) on; see docs/benchmarks.md."""
+DEEPGEMM_MIN_TOKENS: dict[tuple[int, int], int] = {
+    (7168, 2048): 1024,  # DeepSeek-V3 EP8 shard: Triton FP8 550 vs DeepGEMM 694 us at M=256, 1086 vs 679 at 1024
+    (2048, 768): 4096,  # qwen3-30B-A3B: Triton FP8 343 vs DeepGEMM 424 us at M=1024, 881 vs 666 at 4096
+}
+"""Measured crossovers, ``(K, N) -> `` the smallest ``MoEConfig.max_num_tokens`` (tokens per call on a rank)
+at which DeepGemmExperts beat the Triton FP8 experts: scripts/bench_deepgemm.py on an H100, 2026-11-25,
+CUDA-graph medians (docs/benchmarks.md). Small matrices cross over later: DeepGEMM's fixed cost outside
+the GEMMs (scatter, activation, gather) weighs more against a cheap GEMM. A shape not listed takes the
+crossover of the measured shape whose ``K * N`` is nearest on a log scale (``deepgemm_min_tokens``)."""
+
+
+def deepgemm_min_tokens(hidden_size: int, intermediate_size: int) -> tuple[int, str]:
+    """The crossover for ``(K, N)`` and which measurement it comes from (for explain())."""
+    size = math.log(hidden_size * intermediate_size)
+    (k, n), tokens = min(DEEPGEMM_MIN_TOKENS.items(), key=lambda item: abs(math.log(item[0][0] * item[0][1]) - size))
+    source = "measured" if (k, n) == (hidden_size, intermediate_size) else "nearest measured shape"
+    return tokens, f"{source} K={k} N={n}"
+
 
 SUPPORTED_ARCH_MAJORS = (9, 10)
 
@@ -390,10 +403,11 @@ class DeepGemmExperts(DeepGemmExpertsBase):
     @classmethod
     def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
         problems = deep_gemm_problems(config, caps, batched=False)
-        if config.max_num_tokens < DEEPGEMM_MIN_TOKENS:
+        min_tokens, source = deepgemm_min_tokens(config.hidden_size, config.intermediate_size)
+        if config.max_num_tokens < min_tokens:
             problems.append(
-                f"max_num_tokens={config.max_num_tokens} is below DEEPGEMM_MIN_TOKENS={DEEPGEMM_MIN_TOKENS}, where "
-                "the Triton FP8 experts are faster (scripts/bench_deepgemm.py)"
+                f"max_num_tokens={config.max_num_tokens} is below DEEPGEMM_MIN_TOKENS={min_tokens} ({source}), "
+                "where the Triton FP8 experts are faster (scripts/bench_deepgemm.py)"
             )
         return (False, "; ".join(problems)) if problems else (True, "")
 

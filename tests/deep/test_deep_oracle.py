@@ -67,10 +67,21 @@ def test_sm100_with_ue8m0_is_accepted():
     assert sel.experts.name == "deep_gemm"
 
 
-def test_threshold_is_a_module_constant(monkeypatch):
-    monkeypatch.setattr(dg, "DEEPGEMM_MIN_TOKENS", 4096)
+def test_threshold_comes_from_the_measured_crossover_of_the_shape():
+    # qwen3 (K 2048, N 768) was measured to cross over at 4096 tokens, the DeepSeek shard at 1024.
     sel = select(qwen(max_num_tokens=1024), caps=caps())
-    assert "max_num_tokens=1024 is below DEEPGEMM_MIN_TOKENS=4096" in verdict(sel, "deep_gemm")
+    assert sel.experts.name != "deep_gemm"
+    assert "max_num_tokens=1024 is below DEEPGEMM_MIN_TOKENS=4096 (measured K=2048 N=768)" in verdict(sel, "deep_gemm")
+    assert select(qwen(max_num_tokens=4096), caps=caps()).experts.name == "deep_gemm"
+    assert select(dsv3(1024), caps=caps(), prepare_finalize="deepep_ht").experts.name == "deep_gemm"
+
+
+def test_unmeasured_shape_takes_the_nearest_measured_crossover(monkeypatch):
+    # Mixtral's K*N (4096 x 14336) is nearest the DeepSeek shard's on a log scale.
+    assert dg.deepgemm_min_tokens(4096, 14336) == (1024, "nearest measured shape K=7168 N=2048")
+    assert dg.deepgemm_min_tokens(1024, 512) == (4096, "nearest measured shape K=2048 N=768")
+    monkeypatch.setitem(dg.DEEPGEMM_MIN_TOKENS, (4096, 14336), 512)
+    assert dg.deepgemm_min_tokens(4096, 14336) == (512, "measured K=4096 N=14336")
 
 
 def test_batched_deep_gemm_is_silu_only():
