@@ -3,8 +3,10 @@
 Measured, each as the median of CUDA-graph replays (``triton.testing.do_bench_cudagraph``):
 
 - ``moe_align_block_size`` (and its graph-safe form) for every M x E, top-k 8, with the number of kernel
-  launches it makes (one program up to ``ops.align._ONE_PROGRAM_MAX_SLOTS`` slots, two launches above;
-  ``--one-program-max`` re-measures with other limits, e.g. to place the crossover);
+  launches it makes (one program up to ``ops.align._ONE_PROGRAM_MAX_SLOTS`` slots, three launches above;
+  ``--one-program-max`` re-measures with other limits: ``-1`` forces three launches at every M, a limit
+  above the default places the crossover but compiles a one-program sort of up to that many slots, which
+  takes seconds per shape);
 - ``moe_permute`` / ``moe_unpermute`` and ``ep_scatter`` / ``ep_gather`` for every M x E, reported also as
   achieved bandwidth (bytes that must move: each input row read once, each output row written once) and as
   a percentage of the device-to-device copy bandwidth measured in the same run.
@@ -13,7 +15,10 @@ Targets checked: align <= 10 us for M <= 4096; permute / unpermute >= 70 % of co
 
     python scripts/bench_ops.py --out bench_out/ops.json
     python scripts/bench_ops.py --out bench_out/align.json --align-only --tokens 1 64 128 256 512 4096 \
-        --one-program-max -1 4096     # align only, both paths forced at every M
+        --one-program-max 512 -1     # align only: the default limit, then three launches at every M
+
+Align calls take a few microseconds on the GPU but tens of microseconds of Python to capture, so they are
+timed with a shorter replay (``--align-rep-ms``): the graph of ``rep / eager time`` calls stays small.
 """
 
 from __future__ import annotations
@@ -43,13 +48,16 @@ def parse_args(argv=None):
     p.add_argument("--align", type=int, default=128, help="align_block_size / alignment for permute and ep_scatter")
     p.add_argument("--rep-ms", type=int, default=100, help="replay time per measurement (ms)")
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the copy used as the bandwidth ceiling")
+    p.add_argument(
+        "--align-rep-ms", type=int, default=20, help="replay time per moe_align_block_size measurement (ms)"
+    )
     p.add_argument("--align-only", action="store_true", help="time moe_align_block_size only")
     p.add_argument(
         "--one-program-max",
         type=int,
         nargs="+",
         default=None,
-        help="time align with each of these one-program limits (slots; -1: always two launches) instead of the default",
+        help="time align with each of these one-program limits (slots; -1: always three launches) instead of the default",
     )
     return p.parse_args(argv)
 
@@ -122,9 +130,11 @@ def main(argv=None):
             for limit in args.one_program_max or [default_limit]:
                 align_mod._ONE_PROGRAM_MAX_SLOTS = limit
                 n_blocks = align_mod.align_buffer_sizes(m * top_k, args.block_size, e)[1]
-                launches = 1 if align_mod._single_program_fits(m * top_k, e, n_blocks) else 2
-                align_us = bench(lambda: moe_align_block_size(ids, args.block_size, e), args.rep_ms)
-                safe_us = bench(lambda: moe_align_block_size_graph_safe(ids, args.block_size, e, valid), args.rep_ms)
+                launches = 1 if align_mod._single_program_fits(m * top_k, e, n_blocks) else 3
+                align_us = bench(lambda: moe_align_block_size(ids, args.block_size, e), args.align_rep_ms)
+                safe_us = bench(
+                    lambda: moe_align_block_size_graph_safe(ids, args.block_size, e, valid), args.align_rep_ms
+                )
                 results["align"].append(
                     {
                         "M": m,

@@ -14,35 +14,45 @@ Semantics (vLLM's ``moe_align_block_size``):
 - Slots whose id lies outside ``[0, num_experts)`` (e.g. -1 for "dropped") are neither counted nor placed.
 
 The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
-and ``num_experts``, in one launch for small problems and two otherwise (inside a CUDA graph each launch
-costs a few microseconds of its own, which dominates at these sizes):
+and ``num_experts``: one launch up to 512 slots, three above. Inside a CUDA graph each launch costs a few
+microseconds of its own, which dominates small problems; a single program's cost grows with the slots it
+sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8, block 64,
+128 experts):
 
-- One program (``numel <= 1024``, at most 1024 experts): the program loads every slot, counts the experts
-  with a histogram, sorts the distinct codes ``(expert, slot)`` (a stable sort by expert), and writes each
-  sorted slot to its expert's padded offset plus its position within the expert. Block ids come from a
-  histogram of the experts' end blocks.
-- Two launches otherwise. Rank and scan: each program ranks a chunk of 256 to 4096 slots (about 32
-  chunks; never more than 1024) with the same histogram and sort, writes its row of a ``[chunks,
-  experts]`` count table and the sentinel over its share of ``sorted_token_ids``. The scan over the
-  chunks needs every row, which no program can wait for: instead each program, once its row is stored,
-  draws a ticket (an ``acq_rel`` atomic) of its group of up to 32 chunks, and the program drawing the
-  group's last ticket scans the group's rows (exclusive prefix per expert, in place) and draws a ticket of
-  the final count; the last group scans the group totals, which yields every expert's total. Place: every
-  program derives the padded expert offsets from the totals; chunk programs write
-  ``sorted_token_ids[offset + group prefix + chunk prefix + rank] = slot``, the others the expert id of a
-  tile of blocks.
+    tokens (slots)    one program   three launches
+    1      (8)           2.9 us         6.4 us
+    64     (512)         5.1 us         6.1 us
+    128    (1024)       10.2 us         6.5 us
+    256    (2048)       26.2 us         6.8 us
+    512    (4096)       63.9 us         7.1 us
+    4096   (32768)          -          10.8 us
+    65536  (524288)         -          44.5 us
 
-The tickets live in a zeroed per-stream row of a cached workspace (``_TicketPool``) and the programs that
-use them last set them back to zero, so no launch is spent on clearing them; a graph replay finds them at
-zero as an eager call does. Two launches that may overlap in time (different streams) use different rows;
-graphs captured on one stream share that stream's row, so they must not be replayed concurrently.
+(A two-launch variant that folded the scan into the rank launch through self-resetting atomic tickets
+measured 7.6 to 8.4 us from 64 to 512 tokens and 16.0 us at 4096: slower than three launches everywhere.)
+
+- One program (at most 512 slots, 1024 experts and 4095 blocks): the program loads every slot, counts the
+  experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a stable sort by expert), and
+  writes each sorted slot to its expert's padded offset plus its position within the expert. Block ids
+  come from a histogram of the experts' end blocks.
+- Three launches otherwise:
+
+  1. rank: each program takes a chunk of slots (32 up to 32k slots, larger beyond so that there are at
+     most 1024 chunks) and computes every slot's rank among the chunk's slots of the same expert: a
+     stable 32 x 32 comparison per sub-block of 32 slots, carried across sub-blocks in the program's own
+     row of a ``[chunks, experts]`` count table, which ends holding the chunk's count per expert. It also
+     writes the sentinel over its share of ``sorted_token_ids``.
+  2. scan: per expert, exclusive prefix of the counts over the chunks (in place) and the expert's total.
+  3. place: every program derives the padded expert offsets from the totals (a cumsum over experts in
+     registers); chunk programs write ``sorted_token_ids[offset + prefix + rank] = slot``, the others
+     write the expert id of a tile of blocks.
+
+  The count table is ``chunks x experts`` (at most 1024 rows) and every stage is parallel. Comparisons
+  wider than 32 x 32 spill registers (measured on an H100), hence the sub-blocks.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -55,24 +65,19 @@ try:
 except ImportError:  # torch-only installs: the kernels below are never launched
     tl = None
 
-logger = logging.getLogger(__name__)
-
-# One program sorts problems up to this many slots (and keys, and blocks) in a single launch.
-_ONE_PROGRAM_MAX_SLOTS = 1024
+# One program sorts problems up to this many slots (and keys, and blocks) in a single launch. Its cost grows
+# with the slots (H100, top-8, E=128: 2.9 us at 8 slots, 5.1 at 512, 10.2 at 1024, 26.2 at 2048) while the
+# three launches cost 6.1-6.5 us at 512-1024 slots: 512 is the last size where one program wins.
+_ONE_PROGRAM_MAX_SLOTS = 512
 _ONE_PROGRAM_MAX_KEYS = 1024
 _ONE_PROGRAM_MAX_BLOCKS = 4096
-# Two-launch path: chunks of 256..4096 slots, about 32 of them, never more than 1024 (32 groups of 32).
-_CHUNK_MIN = 256
-_CHUNK_MAX = 4096
-_TARGET_CHUNKS = 32
+# Three-launch path: at most this many chunks (the scan's rows).
 _MAX_CHUNKS = 1024
-_MAX_GROUP_ROWS = 32
 _SCAN_TILE = 4096
+# 32x32 comparisons per sub-block: larger tiles spill registers and run several times slower (H100).
+_RANK_SUB = 32
 _FILL_BLOCK = 1024
 _BLOCKS_PER_PROGRAM = 64
-# Tickets of one launch: one per group of chunks (at most 32 groups of 32 chunks), then the last one.
-_TICKETS_PER_STREAM = 64
-_TICKET_ROWS_PER_TABLE = 16
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -220,49 +225,6 @@ def _single_program_fits(numel: int, num_keys: int, n_blocks: int) -> bool:
     return numel <= _ONE_PROGRAM_MAX_SLOTS and num_keys <= _ONE_PROGRAM_MAX_KEYS and n_blocks < _ONE_PROGRAM_MAX_BLOCKS
 
 
-class _TicketPool:
-    """Zeroed int32 ticket rows for the two-launch path, one row per (device, stream).
-
-    Every launch leaves its tickets at zero again, so a row is reusable by the next launch that is ordered
-    after it, which is any later launch on the same stream and any replay of a graph captured on it. Launches
-    that may overlap in time must use different rows, hence one row per stream. A row is zeroed when the
-    pool grows, which cannot happen while a stream is capturing (the zeroing would only run on replay); a
-    capture that finds no free row gets a zeroed row of its own, allocated inside the graph.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._rows: dict[tuple[torch.device, int], torch.Tensor] = {}
-        self._spare: dict[torch.device, list[torch.Tensor]] = {}
-        self._warned: set[torch.device] = set()
-
-    def get(self, device: torch.device) -> torch.Tensor:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        with self._lock:
-            row = self._rows.get((device, stream))
-            if row is not None:
-                return row
-            spare = self._spare.setdefault(device, [])
-            if not spare:
-                if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                    if device not in self._warned:
-                        self._warned.add(device)
-                        logger.warning(
-                            "moe_plugin align: a stream on %s is first used during CUDA graph capture; its "
-                            "tickets are zeroed inside the graph (one extra kernel per call). Call the op "
-                            "once before capturing to avoid it.",
-                            device,
-                        )
-                    return torch.zeros((_TICKETS_PER_STREAM,), dtype=torch.int32, device=device)
-                table = torch.zeros((_TICKET_ROWS_PER_TABLE, _TICKETS_PER_STREAM), dtype=torch.int32, device=device)
-                spare.extend(table.unbind(0))
-            row = self._rows[(device, stream)] = spare.pop()
-            return row
-
-
-_tickets = _TicketPool()
-
-
 def sort_slots_triton(
     ids: torch.Tensor,
     top_k: int,
@@ -273,7 +235,7 @@ def sort_slots_triton(
     key_map: torch.Tensor | None = None,
     valid_tokens: torch.Tensor | None = None,
 ) -> None:
-    """Sort flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them) in one or two launches.
+    """Sort flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them) in one or three launches.
 
     ``key_map`` turns an id into its key (ids outside ``[0, len(key_map))`` get no key); without it the id
     is the key. With ``valid_tokens`` only the first ``valid_tokens * top_k`` slots take part; the grid and
@@ -337,29 +299,18 @@ def sort_slots_triton(
         )
         return
 
-    # A few dozen chunks of up to 4096 slots: each program ranks its chunk in registers (one sort), and the
-    # count table stays small enough for the scans below.
-    chunk = min(_CHUNK_MAX, max(_CHUNK_MIN, _next_pow2(_cdiv(numel, _TARGET_CHUNKS))))
-    chunk = max(chunk, _next_pow2(_cdiv(numel, _MAX_CHUNKS)))
+    sub = min(_RANK_SUB, max(16, _next_pow2(numel)))
+    chunk = max(sub, _next_pow2(_cdiv(numel, _MAX_CHUNKS)))
     n_chunks = max(1, _cdiv(numel, chunk))
-    keys_p2 = max(32, _next_pow2(num_keys))
-    # Groups of up to 32 chunks: one group (one scan) up to 32 chunks, at most 32 groups.
-    group_rows = max(2, min(_next_pow2(n_chunks), _MAX_GROUP_ROWS))
-    n_groups = _cdiv(n_chunks, group_rows)
-    groups_p2 = max(2, _next_pow2(n_groups))
-    if n_groups + 1 > _TICKETS_PER_STREAM:
-        raise ValueError(f"{numel} slots need {n_groups + 1} tickets, more than {_TICKETS_PER_STREAM}")
+    keys_p2 = max(16, _next_pow2(num_keys))
 
-    # counts[chunk, key]: slots of `key` in `chunk`, then (after the scan) those in earlier chunks of its group.
+    # counts[chunk, key]: slots of `key` in `chunk`, then (after the scan) those in earlier chunks.
     counts = torch.empty((n_chunks, num_keys), dtype=torch.int32, device=device)
-    # group_prefix[group, key]: slots of `key` in earlier groups.
-    group_prefix = torch.empty((n_groups, num_keys), dtype=torch.int32, device=device)
     ranks = torch.empty((max(numel, 1),), dtype=torch.int32, device=device)
     totals = out.counts if out.counts is not None else torch.empty((num_keys,), dtype=torch.int32, device=device)
-    tickets = _tickets.get(device)
     fill_per_program = _cdiv(_cdiv(fill_len, n_chunks), _FILL_BLOCK) * _FILL_BLOCK
 
-    _rank_scan_kernel[(n_chunks,)](
+    _rank_kernel[(n_chunks,)](
         *slot_args,
         counts,
         ranks,
@@ -367,20 +318,22 @@ def sort_slots_triton(
         fill_len,
         out.sentinel,
         fill_per_program,
-        group_prefix,
-        totals,
-        tickets,
-        n_chunks,
-        n_groups,
         **slot_flags,
         CHUNK=chunk,
-        KEYS_P2=keys_p2,
+        SUB=sub,
         FILL_BLOCK=_FILL_BLOCK,
-        GROUP_ROWS=group_rows,
-        GROUPS_P2=groups_p2,
-        GROUP_KEYS_TILE=min(keys_p2, max(1, _SCAN_TILE // group_rows)),
-        TOTAL_KEYS_TILE=min(keys_p2, max(1, _SCAN_TILE // groups_p2)),
+        KEYS_BLOCK=min(keys_p2, 1024),
         num_warps=4,
+        # The loop reads counts the previous iteration stored; a pipelined (prefetched) load would not.
+        num_stages=1,
+    )
+
+    # One tile of all chunks x (4096 / chunks) keys per program: a serial walk over chunk tiles costs an L2
+    # round trip per tile, and much larger tiles spill registers (both measured on an H100).
+    block_c = max(16, min(_next_pow2(n_chunks), _SCAN_TILE))
+    block_k = max(1, _SCAN_TILE // block_c)
+    _scan_kernel[(_cdiv(num_keys, block_k),)](
+        counts, n_chunks, num_keys, totals, BLOCK_C=block_c, BLOCK_K=block_k, num_warps=4
     )
 
     n_block_programs = _cdiv(n_blocks, _BLOCKS_PER_PROGRAM)
@@ -388,7 +341,6 @@ def sort_slots_triton(
         *slot_args,
         block,
         counts,
-        group_prefix,
         ranks,
         totals,
         n_chunks,
@@ -397,7 +349,6 @@ def sort_slots_triton(
         **output_flags,
         KEYS_P2=keys_p2,
         CHUNK=chunk,
-        GROUP_ROWS=group_rows,
         BLOCK_TILE=_BLOCKS_PER_PROGRAM,
         num_warps=4,
     )
@@ -538,22 +489,7 @@ def _one_program_kernel(
 
 
 @kernel
-def _exclusive_scan_rows(ptr, n_rows, num_keys, sums_ptr, ROWS: tl.constexpr, KEYS_TILE: tl.constexpr):
-    """Per key, the exclusive prefix over the rows of the ``[n_rows, num_keys]`` table at ``ptr`` (in place),
-    and the column sums to ``sums_ptr``. Rows written by other programs are read from L2 (``.cg``)."""
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, KEYS_TILE)
-    for k in range(0, num_keys, KEYS_TILE):
-        keys = k + cols
-        mask = (rows[:, None] < n_rows) & (keys[None, :] < num_keys)
-        ptrs = ptr + rows[:, None] * num_keys + keys[None, :]
-        tile = tl.load(ptrs, mask=mask, other=0, cache_modifier=".cg")
-        tl.store(ptrs, tl.cumsum(tile, axis=0) - tile, mask=mask)
-        tl.store(sums_ptr + keys, tl.sum(tile, axis=0), mask=keys < num_keys)
-
-
-@kernel
-def _rank_scan_kernel(
+def _rank_kernel(
     ids_ptr,
     valid_ptr,
     numel,
@@ -568,25 +504,23 @@ def _rank_scan_kernel(
     fill_len,
     fill_value,
     fill_per_program,
-    group_prefix_ptr,
-    totals_ptr,
-    tickets_ptr,
-    n_chunks,
-    n_groups,
     HAS_VALID: tl.constexpr,
     HAS_KEY_MAP: tl.constexpr,
     CHUNK: tl.constexpr,
-    KEYS_P2: tl.constexpr,
+    SUB: tl.constexpr,
     FILL_BLOCK: tl.constexpr,
-    GROUP_ROWS: tl.constexpr,
-    GROUPS_P2: tl.constexpr,
-    GROUP_KEYS_TILE: tl.constexpr,
-    TOTAL_KEYS_TILE: tl.constexpr,
+    KEYS_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_valid = _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID)
-    lane = tl.arange(0, CHUNK)
-    keys, valid = _slot_keys(ids_ptr, pid * CHUNK + lane, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+    lane = tl.arange(0, SUB)
+    # This program's row of the count table.
+    row = counts_ptr + pid * num_keys
+
+    if CHUNK == SUB:
+        # Issue the slot loads before the stores below so their latency overlaps.
+        offs = pid * CHUNK + lane
+        keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
 
     fill_offs = tl.arange(0, FILL_BLOCK)
     fill_start = pid * fill_per_program
@@ -594,43 +528,55 @@ def _rank_scan_kernel(
     for f in range(fill_start, fill_end, FILL_BLOCK):
         tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
 
-    # The chunk's count per key (a histogram bins every input: invalid slots go to bin 0 and come out again).
-    all_keys = tl.arange(0, KEYS_P2)
-    n_invalid = CHUNK - tl.sum(valid.to(tl.int32), axis=0)
-    counts = tl.histogram(tl.where(valid, keys, 0), KEYS_P2) - tl.where(all_keys == 0, n_invalid, 0)
-    tl.store(counts_ptr + pid * num_keys + all_keys, counts, mask=all_keys < num_keys)
-    # Each slot's rank among the chunk's slots of its key, by a sort of distinct (key, lane) codes as in
-    # the one-program kernel.
-    code = tl.sort(tl.where(valid, keys, KEYS_P2) * CHUNK + lane)
-    s_key = code // CHUNK
-    s_valid = s_key < num_keys
-    rank = lane - tl.gather(tl.cumsum(counts, axis=0) - counts, tl.where(s_valid, s_key, 0), 0)
-    tl.store(ranks_ptr + pid * CHUNK + code % CHUNK, rank, mask=s_valid)
-
-    # The scan, without a launch of its own: the last program of each group to finish (the one drawing the
-    # group's last ticket) scans the group's rows; the last of those scans the group totals. The barrier
-    # orders every thread's row stores before the release of the ticket, whose acquire by the last program
-    # orders them before its loads. Nobody waits, so the programs may run in any order (or one by one, as
-    # in the interpreter). The last programs reset their tickets for the next launch.
+    key_offs = tl.arange(0, KEYS_BLOCK)
+    for k in range(0, num_keys, KEYS_BLOCK):
+        tl.store(row + k + key_offs, tl.zeros((KEYS_BLOCK,), tl.int32), mask=k + key_offs < num_keys)
+    # The row is this program's count per key; its threads read and write each other's entries.
     tl.debug_barrier()
-    group = pid // GROUP_ROWS
-    rows_in_group = tl.minimum(n_chunks - group * GROUP_ROWS, GROUP_ROWS)
-    ticket = tl.atomic_add(tickets_ptr + group, 1, sem="acq_rel", scope="gpu")
-    if ticket == rows_in_group - 1:
-        tl.store(tickets_ptr + group, 0)
-        _exclusive_scan_rows(
-            counts_ptr + group * GROUP_ROWS * num_keys,
-            rows_in_group,
-            num_keys,
-            group_prefix_ptr + group * num_keys,
-            GROUP_ROWS,
-            GROUP_KEYS_TILE,
-        )
-        tl.debug_barrier()
-        last = tl.atomic_add(tickets_ptr + n_groups, 1, sem="acq_rel", scope="gpu")
-        if last == n_groups - 1:
-            tl.store(tickets_ptr + n_groups, 0)
-            _exclusive_scan_rows(group_prefix_ptr, n_groups, num_keys, totals_ptr, GROUPS_P2, TOTAL_KEYS_TILE)
+
+    if CHUNK == SUB:
+        # One sub-block: (key, lane) packed into one int orders it stably; a slot's rank is the number of
+        # codes in [key * SUB, its own code), its key's count the number in [key * SUB, (key + 1) * SUB).
+        # Invalid slots have negative codes and are never counted.
+        code = keys * SUB + lane
+        low = keys * SUB
+        rank = tl.sum(((code[None, :] >= low[:, None]) & (code[None, :] < code[:, None])).to(tl.int32), axis=1)
+        same = tl.sum(((code[None, :] >= low[:, None]) & (code[None, :] < low[:, None] + SUB)).to(tl.int32), axis=1)
+        tl.store(ranks_ptr + offs, rank, mask=valid)
+        # Every slot of a key writes the same count: which store lands does not matter.
+        tl.store(row + keys, same, mask=valid)
+    else:
+        for s in range(0, CHUNK, SUB):
+            offs = pid * CHUNK + s + lane
+            keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+            code = keys * SUB + lane
+            low = keys * SUB
+            rank_in_sub = tl.sum(
+                ((code[None, :] >= low[:, None]) & (code[None, :] < code[:, None])).to(tl.int32), axis=1
+            )
+            # .cg: read the counts from L2, where the atomics of the previous sub-block landed.
+            rank = tl.load(row + keys, mask=valid, other=0, cache_modifier=".cg") + rank_in_sub
+            tl.store(ranks_ptr + offs, rank, mask=valid)
+            tl.atomic_max(row + keys, rank + 1, mask=valid)
+            tl.debug_barrier()
+
+
+@kernel
+def _scan_kernel(counts_ptr, n_chunks, num_keys, totals_ptr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A strip of keys of the row-major table per program; the loop runs once unless chunks > BLOCK_C.
+    keys = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    key_ok = keys < num_keys
+    running = tl.zeros((BLOCK_K,), tl.int32)
+    chunk_lane = tl.arange(0, BLOCK_C)
+    for c in range(0, n_chunks, BLOCK_C):
+        chunks = c + chunk_lane
+        mask = (chunks[:, None] < n_chunks) & key_ok[None, :]
+        ptrs = counts_ptr + chunks[:, None] * num_keys + keys[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0)
+        inclusive = tl.cumsum(tile, axis=0)
+        tl.store(ptrs, inclusive - tile + running[None, :], mask=mask)
+        running += tl.sum(tile, axis=0)
+    tl.store(totals_ptr + keys, running, mask=key_ok)
 
 
 @kernel
@@ -645,7 +591,6 @@ def _place_kernel(
     num_keys,
     block,
     counts_ptr,
-    group_prefix_ptr,
     ranks_ptr,
     totals_ptr,
     n_chunks,
@@ -664,12 +609,11 @@ def _place_kernel(
     HAS_NTPP: tl.constexpr,
     HAS_OFFSETS: tl.constexpr,
     HAS_BLOCK_MAP: tl.constexpr,
-    REPEAT: tl.constexpr,
-    REPEAT_P2: tl.constexpr,
     KEYS_P2: tl.constexpr,
     CHUNK: tl.constexpr,
-    GROUP_ROWS: tl.constexpr,
     BLOCK_TILE: tl.constexpr,
+    REPEAT: tl.constexpr,
+    REPEAT_P2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # The slot loads do not depend on the offsets: issue them first (block programs load nothing: their
@@ -691,10 +635,9 @@ def _place_kernel(
         _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP, HAS_OFFSETS)
 
     if pid < n_chunks:
-        # Fold the key offsets and the group's prefix into this program's row so each slot needs one gather.
+        # Fold the key offsets into this program's row so each slot needs one gather.
         row = counts_ptr + pid * num_keys
         prefix = tl.load(row + all_keys, mask=key_ok, other=0)
-        prefix += tl.load(group_prefix_ptr + (pid // GROUP_ROWS) * num_keys + all_keys, mask=key_ok, other=0)
         tl.store(row + all_keys, prefix + starts, mask=key_ok)
         tl.debug_barrier()
         dest = tl.load(row + keys, mask=valid, other=0, cache_modifier=".cg") + rank

@@ -1,8 +1,8 @@
 """moe_align_block_size and its graph-safe form against a plain-loop reference, on both CPU backends.
 
-The Triton engine has two paths (one program for small problems, else a rank-and-scan launch and a place
-launch); under the interpreter the ``path`` fixture runs a test through each of them, the second with
-chunks and groups shrunk so that small inputs span several of both.
+The Triton engine has two paths (one program up to 512 slots, else rank, scan and place launches); under
+the interpreter the ``path`` fixture runs a test through each of them and checks that every call made the
+launches of its path.
 """
 
 from __future__ import annotations
@@ -22,28 +22,38 @@ from moe_plugin.ops.align import (
     sort_slots_triton,
 )
 
+LAUNCHES = {"one_launch": 1, "three_launches": 3}
 
-def force_two_launches(monkeypatch, chunk=None, group_rows=None):
+
+def force_three_launches(monkeypatch, max_chunks=None):
+    """Send every problem to the three-launch path; a small ``max_chunks`` gives each rank program several
+    32-slot sub-blocks (large inputs do that by themselves)."""
     monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", -1)
-    if chunk is not None:
-        monkeypatch.setattr(align_mod, "_CHUNK_MIN", chunk)
-        monkeypatch.setattr(align_mod, "_CHUNK_MAX", chunk)
-    if group_rows is not None:
-        monkeypatch.setattr(align_mod, "_MAX_GROUP_ROWS", group_rows)
+    if max_chunks is not None:
+        monkeypatch.setattr(align_mod, "_MAX_CHUNKS", max_chunks)
 
 
-@pytest.fixture(params=["one_launch", "two_launches"])
+@pytest.fixture(params=list(LAUNCHES))
 def path(request, backend, monkeypatch):
     """Which Triton path runs (the torch backend has one path: its second parametrization is skipped)."""
     if not backend.interpreted:
-        if request.param == "two_launches":
+        if request.param == "three_launches":
             pytest.skip("the torch fallback has a single path")
-        return request.param
-    if request.param == "two_launches":
-        force_two_launches(monkeypatch, chunk=32, group_rows=2)
-    else:
-        monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", 1 << 20)
-    return request.param
+        yield request.param
+        return
+    if request.param == "three_launches":
+        force_three_launches(monkeypatch)
+    calls = []
+    engine = align_mod.sort_slots_triton
+
+    def counted(*args, **kwargs):
+        calls.append(None)
+        return engine(*args, **kwargs)
+
+    monkeypatch.setattr(align_mod, "sort_slots_triton", counted)
+    yield request.param
+    assert calls, "the test never reached the Triton engine"
+    assert backend.counter.launches == LAUNCHES[request.param] * len(calls)
 
 
 def naive_align(ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False, valid_tokens=None):
@@ -139,14 +149,17 @@ def test_stable_within_an_expert_across_chunks(backend, path):
     check(moe_align_block_size(ids, 16, 3), naive_align(ids, 16, 3))
 
 
-def test_several_chunks_and_groups(backend, monkeypatch):
-    # 5 chunks of 32 slots in groups of 2, 2 and 1 chunks: both scans, an uneven last group.
-    force_two_launches(monkeypatch, chunk=32, group_rows=2)
+def test_chunks_of_several_sub_blocks(backend, monkeypatch):
+    # Inputs past 32k slots give each rank program several 32-slot sub-blocks, carried by running counts;
+    # two chunks of 128 slots force that here.
+    force_three_launches(monkeypatch, max_chunks=2)
     ids = random_ids(40, 4, 6, seed=5, invalid=True)
     expert_map = torch.tensor([1, -1, 0, 3, 2, -1], dtype=torch.int32)
     check(moe_align_block_size(ids, 16, 6, expert_map=expert_map), naive_align(ids, 16, 6, expert_map))
     valid = torch.tensor([23], dtype=torch.int32)
     check(moe_align_block_size_graph_safe(ids, 16, 6, valid), naive_align(ids, 16, 6, valid_tokens=23))
+    if backend.interpreted:
+        assert backend.counter.launches == 6
 
 
 def test_int64_ids_accepted(backend, path):
@@ -164,43 +177,40 @@ def test_graph_safe_equals_the_sliced_call(backend, path, valid):
     check(result, naive_align(ids, bs, e, expert_map, True, valid_tokens=valid))
 
 
-@pytest.mark.parametrize("m,k,e,launches", [(128, 8, 128, 1), (205, 5, 128, 2), (3, 2, 1025, 2), (3, 2, 1024, 1)])
+@pytest.mark.parametrize("m,k,e,launches", [(64, 8, 128, 1), (171, 3, 128, 3), (3, 2, 1025, 3), (3, 2, 1024, 1)])
 def test_path_boundaries(interpreter, m, k, e, launches):
-    # The default limits: 1024 slots and 1024 experts go to one program, one more of either to two launches.
-    assert (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._ONE_PROGRAM_MAX_KEYS) == (1024, 1024)
+    # The default limits: 512 slots and 1024 experts go to one program, one more of either to three launches.
+    assert (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._ONE_PROGRAM_MAX_KEYS) == (512, 1024)
     ids = random_ids(m, k, e, seed=m + e, invalid=True)
     check(moe_align_block_size(ids, 64, e), naive_align(ids, 64, e))
     assert interpreter.launches == launches
 
 
-def test_tickets_reset_between_calls(interpreter, monkeypatch):
-    # The last program of each launch zeroes the tickets; a stale ticket would make the next call skip the
-    # scan of a group (wrong offsets). 37 chunks of 32 slots: groups of 32 and 5 chunks.
-    force_two_launches(monkeypatch, chunk=32)
-    tickets = align_mod._tickets.get(torch.device("cpu"))
-    ids = random_ids(148, 8, 40, seed=7, invalid=True)
-    expected = naive_align(ids, 16, 40)
-    first = moe_align_block_size(ids, 16, 40)
-    check(first, expected)
-    assert interpreter.launches == 2
-    assert not tickets.any()
-    second = moe_align_block_size(ids, 16, 40)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    # Another grid (one group of 6 chunks) right after, then the first again.
-    other = random_ids(24, 8, 40, seed=8)
-    check(moe_align_block_size(other, 16, 40), naive_align(other, 16, 40))
-    check(moe_align_block_size(ids, 16, 40), expected)
-    assert not tickets.any()
+@pytest.mark.parametrize("n_blocks,launches", [(4095, 1), (4096, 3)])
+def test_block_limit(interpreter, n_blocks, launches):
+    # align's own buffers never reach 4096 blocks within the other limits, but an engine caller may pass a
+    # longer block_keys buffer: its tail must still read block_tail (a one-program histogram holds 4095).
+    ids = random_ids(10, 2, 5, seed=4)
+    keys = ids.reshape(-1).long()
+    ref, got = (
+        SlotSortOutputs(block_keys=torch.full((n_blocks,), -7, dtype=torch.int32), block_tail=3) for _ in range(2)
+    )
+    sort_slots_torch(keys, 5, 2, ref)
+    sort_slots_triton(ids.reshape(-1), 2, 5, 2, got)
+    assert interpreter.launches == launches
+    assert torch.equal(got.block_keys, ref.block_keys)
+    assert got.block_keys[-1] == 3 and got.block_keys[0] == ids.min()
 
 
-@pytest.mark.parametrize("two_launches", [False, True])
+@pytest.mark.parametrize("engine_path", ["one_launch", "three_launches", "sub_blocks"])
 @pytest.mark.parametrize("valid", [None, 9])
-def test_engine_outputs_match_torch(interpreter, monkeypatch, two_launches, valid):
+def test_engine_outputs_match_torch(interpreter, monkeypatch, engine_path, valid):
     # Every optional output of the shared engine (ops.permute uses inv, offsets, counts, repeated block keys)
     # on both paths, against the torch engine on the local keys.
-    if two_launches:
-        force_two_launches(monkeypatch, chunk=16, group_rows=2)
+    if engine_path == "three_launches":
+        force_three_launches(monkeypatch)
+    elif engine_path == "sub_blocks":
+        force_three_launches(monkeypatch, max_chunks=1)
     m, k, e_global, n_local, block, repeat = 13, 4, 12, 5, 8, 3
     ids = random_ids(m, k, e_global, seed=21, invalid=True)
     key_map = torch.full((e_global,), -1, dtype=torch.int32)
@@ -232,7 +242,7 @@ def test_engine_outputs_match_torch(interpreter, monkeypatch, two_launches, vali
     sort_slots_torch(keys, n_local, block, ref)
     valid_tokens = None if valid is None else torch.tensor([valid], dtype=torch.int32)
     sort_slots_triton(ids.reshape(-1), k, n_local, block, got, key_map=key_map, valid_tokens=valid_tokens)
-    assert interpreter.launches == (2 if two_launches else 1)
+    assert interpreter.launches == (1 if engine_path == "one_launch" else 3)
     for field in ("sorted_ids", "inv", "block_keys", "num_tokens_post_padded", "offsets", "counts"):
         assert torch.equal(getattr(got, field), getattr(ref, field)), field
     if valid is not None:  # the torch engine saw only the valid slots: the others must read -1
