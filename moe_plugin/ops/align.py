@@ -14,7 +14,7 @@ Semantics (vLLM's ``moe_align_block_size``):
 - Slots whose id lies outside ``[0, num_experts)`` (e.g. -1 for "dropped") are neither counted nor placed.
 
 The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
-and ``num_experts``: one launch up to 512 slots, three above. Inside a CUDA graph each launch costs a few
+and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), three above. Inside a CUDA graph each launch costs a few
 microseconds of its own, which dominates small problems; a single program's cost grows with the slots it
 sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8, block 64,
 128 experts):
@@ -28,10 +28,13 @@ sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph rep
     4096   (32768)          -          10.8 us
     65536  (524288)         -          44.5 us
 
+With 256 experts: 4.1 vs 7.1 us at 1 token, 6.5 vs 6.2 us at 64 tokens, so one program also requires
+slots x experts <= 512 x 128.
+
 (A two-launch variant that folded the scan into the rank launch through self-resetting atomic tickets
 measured 7.6 to 8.4 us from 64 to 512 tokens and 16.0 us at 4096: slower than three launches everywhere.)
 
-- One program (at most 512 slots, 1024 experts and 4095 blocks): the program loads every slot, counts the
+- One program (at most 512 slots, 1024 experts, 512 x 128 slots x experts and 4095 blocks): the program loads every slot, counts the
   experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a stable sort by expert), and
   writes each sorted slot to its expert's padded offset plus its position within the expert. Block ids
   come from a histogram of the experts' end blocks.
@@ -70,6 +73,10 @@ except ImportError:  # torch-only installs: the kernels below are never launched
 # three launches cost 6.1-6.5 us at 512-1024 slots: 512 is the last size where one program wins.
 _ONE_PROGRAM_MAX_SLOTS = 512
 _ONE_PROGRAM_MAX_KEYS = 1024
+# ... and its histogram and offsets grow with the keys: at 512 slots one program costs 5.2 us with 128
+# experts but 6.5 us with 256, where three launches take 6.2 (H100); at 8 slots it wins with either
+# (3.0 / 4.1 vs 6.4 / 7.1 us). Slots x keys bounds both.
+_ONE_PROGRAM_MAX_WORK = 512 * 128
 _ONE_PROGRAM_MAX_BLOCKS = 4096
 # Three-launch path: at most this many chunks (the scan's rows).
 _MAX_CHUNKS = 1024
@@ -222,7 +229,12 @@ def sort_slots_torch(keys: torch.Tensor, num_keys: int, block: int, out: SlotSor
 
 def _single_program_fits(numel: int, num_keys: int, n_blocks: int) -> bool:
     """Whether one program sorts the whole problem (see the module docstring)."""
-    return numel <= _ONE_PROGRAM_MAX_SLOTS and num_keys <= _ONE_PROGRAM_MAX_KEYS and n_blocks < _ONE_PROGRAM_MAX_BLOCKS
+    return (
+        numel <= _ONE_PROGRAM_MAX_SLOTS
+        and num_keys <= _ONE_PROGRAM_MAX_KEYS
+        and numel * num_keys <= _ONE_PROGRAM_MAX_WORK
+        and n_blocks < _ONE_PROGRAM_MAX_BLOCKS
+    )
 
 
 def sort_slots_triton(

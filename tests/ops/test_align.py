@@ -177,9 +177,12 @@ def test_graph_safe_equals_the_sliced_call(backend, path, valid):
     check(result, naive_align(ids, bs, e, expert_map, True, valid_tokens=valid))
 
 
-@pytest.mark.parametrize("m,k,e,launches", [(64, 8, 128, 1), (171, 3, 128, 3), (3, 2, 1025, 3), (3, 2, 1024, 1)])
+@pytest.mark.parametrize(
+    "m,k,e,launches", [(64, 8, 128, 1), (64, 8, 256, 3), (1, 8, 256, 1), (171, 3, 128, 3), (3, 2, 1025, 3), (3, 2, 1024, 1)]
+)
 def test_path_boundaries(interpreter, m, k, e, launches):
-    # The default limits: 512 slots and 1024 experts go to one program, one more of either to three launches.
+    # The default limits: 512 slots, 1024 experts and 512 x 128 slots x experts go to one program, one more
+    # of any to three launches.
     assert (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._ONE_PROGRAM_MAX_KEYS) == (512, 1024)
     ids = random_ids(m, k, e, seed=m + e, invalid=True)
     check(moe_align_block_size(ids, 64, e), naive_align(ids, 64, e))
