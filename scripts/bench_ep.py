@@ -297,7 +297,7 @@ def main() -> int:
             json.dump({"device": device_name, "world": ep.world_size, "backend": ep.backend,
                        "torch": torch.__version__, "records": records}, f, indent=1)
         print(f"wrote {stem}.json")
-        skipped = plot(records, stem + ".png")
+        skipped = plot(records, stem + ".png") if records else "no point ran; no PNG"
         print(skipped or f"wrote {stem}.png")
     dist.barrier()
     dist.destroy_process_group()
