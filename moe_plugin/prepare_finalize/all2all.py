@@ -3,9 +3,12 @@
 ``AllToAllPrepareAndFinalize`` (Standard format) and ``BatchedAllToAllPrepareAndFinalize`` (Batched format)
 share one wire protocol:
 
-1. **Count exchange** -- one ``all_to_all_single`` of ``[P, 1 + E_local]`` int64: for every destination
-   rank, how many token rows go there and how many routed slots each of its local experts gets. The
-   receiver learns its split sizes (and, for free, its per-expert load) from it.
+1. **Count exchange** -- one ``all_to_all_single`` of ``[P, 1 + E_local + C]`` int64: for every destination
+   rank, how many token rows go there and how many routed slots each of its local experts gets, then C
+   input-check columns, the same in every row (the sender's smallest and largest expert id; Batched adds
+   a repeated-expert flag). The receiver learns its split sizes (and, for free, its per-expert load)
+   from it, and every rank learns whether any rank's ``topk_ids`` were invalid, so all of them raise
+   together before the dispatch instead of some waiting in it for a rank that raised.
 2. **Dispatch** -- one ``all_to_all_single`` of packed byte rows, one per (token, destination rank): a
    token routed to several experts of the same rank travels once. Row layout:
    ``topk_ids int32 [k] | topk_weights fp32 [k] | scales fp32 [G] (FP8 only) | hidden [K]`` where hidden
@@ -18,6 +21,11 @@ share one wire protocol:
 
 The receiver's ``topk_ids`` stay *global*: the experts map them with ``expert_map``, which sends other
 ranks' experts to -1, so slots owned elsewhere contribute nothing there.
+
+The host synchronises with the device once per dispatch: the copy of the count tables (split sizes must
+be Python ints). Everything else on the dispatch and combine path is sized from host-known numbers
+(no ``nonzero``, ``bincount`` or ``.item()``), so a host-bound step is not stalled several times on
+the GPU queue.
 
 Every collective goes through ``_Comm``, which waits with the configured timeout and turns a failure into
 ``EPCommunicationError`` naming the EP group, so a dead or stalled peer fails this rank with a clear
@@ -57,7 +65,7 @@ from ..modular import (
 )
 from ..ops.scheme import quantize_activation
 from ..validation import _value_checks_enabled
-from .local import BatchedSlots, apply_weight_on_input, batch_slots_by_expert, reduce_batched_output
+from .local import BatchedSlots, apply_weight_on_input, reduce_batched_output
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +236,29 @@ def _supports_ep(config: MoEConfig) -> tuple[bool, str]:
     return True, ""
 
 
+def _received_slots(
+    topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int, num_local_slots: int
+) -> tuple[BatchedSlots, torch.Tensor]:
+    """``batch_slots_by_expert`` with the number of local slots known on the host (from the count
+    exchange): the same slots in the same order, without ``nonzero`` / ``bincount`` reading sizes on the
+    host. Returns the slots and ``expert_num_tokens [E_local]`` (int32)."""
+    top_k = topk_ids.shape[1]
+    ids = topk_ids.reshape(-1).long()
+    local = expert_map.long()[ids] if expert_map is not None else ids
+    # Slots owned elsewhere sort after every local expert; a stable sort keeps slot order within one.
+    key = torch.where(local >= 0, local, num_local_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    slot = order[:num_local_slots]
+    expert = sorted_key[:num_local_slots]
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_local_experts]
+    starts = torch.cumsum(counts, 0) - counts
+    row = torch.arange(num_local_slots, device=ids.device) - starts[expert]
+    token = torch.div(slot, top_k, rounding_mode="floor")
+    return BatchedSlots(token=token, slot=slot, expert=expert, row=row), counts.to(torch.int32)
+
+
 @dataclass
 class DispatchHandle:
     """What combine needs from dispatch (one per call)."""
@@ -339,10 +370,8 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
             )
         if topk_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-        if topk_ids.numel() and _value_checks_enabled(topk_ids):
-            lo, hi = (int(v) for v in torch.aminmax(topk_ids))
-            if lo < 0 or hi >= c.num_experts:
-                raise ValueError(f"topk_ids values must be in [0, {c.num_experts}), found range [{lo}, {hi}]")
+        # The range of topk_ids is checked after the count exchange (_raise_on_bad_ids): reading it here
+        # would cost a host synchronisation of its own.
         if num_experts != c.num_experts:
             raise ValueError(f"num_experts must be the config's global count {c.num_experts}, got {num_experts}")
         if expert_map is not None and expert_map is not self._checked_map:
@@ -368,6 +397,61 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
             return "fp8"
         return "fp8_after"
 
+    # Input-check columns at the end of every row of the count table: the sender's smallest and largest
+    # expert id (0, 0 when it has no tokens or its checks are off). Batched appends a repeated-expert flag.
+    _num_check_cols = 2
+
+    def _duplicate_flag(self, topk_ids: torch.Tensor) -> torch.Tensor | None:
+        """0-d device flag: some token names one expert twice (only Batched forbids that)."""
+        return None
+
+    def _check_facts(self, topk_ids: torch.Tensor, check: bool) -> torch.Tensor:
+        """``[C]`` int64 on the device: what every rank must learn about this rank's ``topk_ids``."""
+        if not check:
+            return torch.zeros(self._num_check_cols, dtype=torch.int64, device=topk_ids.device)
+        lo, hi = torch.aminmax(topk_ids)
+        facts = [lo, hi]
+        dup = self._duplicate_flag(topk_ids)
+        if dup is not None:
+            facts.append(dup.to(lo.dtype))
+        return torch.stack(facts).to(torch.int64)
+
+    def _raise_on_bad_ids(self, mine: list[int], theirs: list[list[int]]) -> None:
+        """Raise on every rank when any rank's ``topk_ids`` were invalid (``mine``: this rank's check
+        columns, ``theirs``: every rank's, by group rank). Called after the count exchange and before
+        the dispatch, so no rank enters a collective that another has left."""
+        e = self.config.num_experts
+        self._raise_own_bad_ids(mine)
+        for rank, facts in enumerate(theirs):
+            lo, hi = facts[0], facts[1]
+            if lo < 0 or hi >= e:
+                raise ValueError(
+                    f"EP rank {rank} sent topk_ids outside [0, {e}) (range [{lo}, {hi}]); every rank of the "
+                    f"group fails this dispatch (this is {self.ep.describe()})"
+                )
+            self._raise_peer_bad_ids(rank, facts)
+
+    def _raise_own_bad_ids(self, facts: list[int]) -> None:
+        lo, hi, e = facts[0], facts[1], self.config.num_experts
+        if lo < 0 or hi >= e:
+            raise ValueError(f"topk_ids values must be in [0, {e}), found range [{lo}, {hi}]")
+
+    def _raise_peer_bad_ids(self, rank: int, facts: list[int]) -> None:
+        """Checks beyond the id range that a subclass ships in its extra check columns."""
+
+    @staticmethod
+    def _rows_by_destination(send_mask: torch.Tensor) -> torch.Tensor:
+        """``[P * M]`` int64 whose first ``S`` entries (S = pairs in ``send_mask [M, P]``) are the token
+        of every (token, destination) pair, ordered by destination, then token -- what
+        ``send_mask.t().nonzero()`` gives, without reading its size on the host."""
+        m, p = send_mask.shape
+        flat = send_mask.t().reshape(-1)
+        # 1-based position among the selected pairs; unselected pairs all land on slot 0, which is dropped.
+        target = torch.cumsum(flat, 0).mul_(flat)
+        order = torch.empty(p * m + 1, dtype=torch.int64, device=send_mask.device)
+        order.scatter_(0, target, torch.arange(p * m, dtype=torch.int64, device=send_mask.device))
+        return order[1:].remainder_(max(m, 1))
+
     def prepare_async(
         self,
         hidden_states,
@@ -388,12 +472,28 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         ids = topk_ids.to(torch.int32)
         ids_long = ids.long()
         weights = topk_weights.float()
+        check = bool(topk_ids.numel()) and _value_checks_enabled(topk_ids)
+        facts = self._check_facts(topk_ids, check)
+        if check:
+            # Out-of-range ids are reported after the count exchange; until then they must not index the
+            # tables (on CUDA that is a device-side assert that kills the process).
+            ids_long = ids_long.clamp(0, c.num_experts - 1)
 
         # Count exchange first; the payload is packed while it is in flight.
         send_mask = torch.zeros(m, p, dtype=torch.bool, device=device)
         send_mask.scatter_(1, owner[ids_long], True)
-        slot_counts = torch.bincount(rank_major[ids_long].flatten(), minlength=c.num_experts).view(p, e_local)
-        counts = torch.cat([send_mask.sum(0, dtype=torch.int64).view(p, 1), slot_counts.to(torch.int64)], 1)
+        # A scatter-add, not bincount: bincount reads its output size on the host (a synchronisation).
+        slot_keys = rank_major[ids_long].flatten()
+        slot_counts = torch.zeros(c.num_experts, dtype=torch.int64, device=device)
+        slot_counts.index_add_(0, slot_keys, torch.ones_like(slot_keys))
+        counts = torch.cat(
+            [
+                send_mask.sum(0, dtype=torch.int64).view(p, 1),
+                slot_counts.view(p, e_local),
+                facts.view(1, -1).expand(p, -1),
+            ],
+            1,
+        )
         recv_counts_f = self.comm.all_to_all(torch.empty_like(counts), counts, None, None, "count exchange")
 
         plan = self._wire_plan(a1_scale)
@@ -410,19 +510,21 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         byte_fields = [_as_bytes(t) for t, _, _ in fields]
         widths = [b.shape[1] for b in byte_fields]
         row_bytes = sum(widths)
+        # One row per token now; the rows per (token, destination) are gathered once the counts are known.
+        packed = torch.cat(byte_fields, 1)
+        token_order = self._rows_by_destination(send_mask)
 
-        dest, token_index = send_mask.t().nonzero(as_tuple=True)
-        del dest  # rows are grouped by destination by construction; the splits say where groups end
-        send = torch.empty(token_index.numel(), row_bytes, dtype=torch.uint8, device=device)
-        col = 0
-        for b, w in zip(byte_fields, widths):
-            send[:, col : col + w] = b[token_index]
-            col += w
-
-        # Split sizes must be Python ints: both count tables come to the host in one copy.
-        send_counts_cpu, recv_counts_cpu = torch.stack([counts, recv_counts_f()]).cpu().unbind(0)
+        # The one host synchronisation: split sizes must be Python ints, so both count tables (with every
+        # rank's check columns) come to the host in one copy.
+        recv_counts = recv_counts_f()
+        tables = torch.stack([counts, recv_counts]).cpu()
+        n_counts = 1 + e_local
+        self._raise_on_bad_ids(tables[0, 0, n_counts:].tolist(), tables[1, :, n_counts:].tolist())
+        send_counts_cpu, recv_counts_cpu = tables[:, :, :n_counts].unbind(0)
         send_splits = send_counts_cpu[:, 0].tolist()
         recv_splits = recv_counts_cpu[:, 0].tolist()
+        token_index = token_order[: sum(send_splits)]
+        send = packed.index_select(0, token_index)
         num_recv = sum(recv_splits)
         recv = torch.empty(num_recv, row_bytes, dtype=torch.uint8, device=device)
         recv_f = self.comm.all_to_all(recv, send, recv_splits, send_splits, "dispatch")
@@ -437,6 +539,8 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         )
         handle = DispatchHandle(token_index, send_splits, recv_splits, m)
         local_load_cpu = recv_counts_cpu[:, 1:].sum(0).to(torch.int32)
+        # The same counts summed on the device: copying local_load_cpu up would synchronise again.
+        local_load = recv_counts[:, 1:n_counts].sum(0).to(torch.int32)
 
         def finish() -> PreparedTokens:
             rows = recv_f()
@@ -451,14 +555,12 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
                 r_scale = a1_scale.float().reshape(1).to(device)
             elif plan == "fp8_after":
                 r_hidden, r_scale = quantize_activation(r_hidden, self.quant, None)
-            return self._received(r_hidden, r_scale, r_ids, r_weights, handle, local_load_cpu, expert_map)
+            return self._received(r_hidden, r_scale, r_ids, r_weights, handle, local_load, local_load_cpu, expert_map)
 
         return finish
 
-    def _received(self, hidden, scale, ids, weights, handle, local_load_cpu, expert_map) -> PreparedTokens:
-        meta = ExpertTokensMetadata(
-            expert_num_tokens=local_load_cpu.to(hidden.device), expert_num_tokens_cpu=local_load_cpu
-        )
+    def _received(self, hidden, scale, ids, weights, handle, local_load, local_load_cpu, expert_map) -> PreparedTokens:
+        meta = ExpertTokensMetadata(expert_num_tokens=local_load, expert_num_tokens_cpu=local_load_cpu)
         return PreparedTokens(
             hidden_states=hidden, scale=scale, topk_ids=ids, topk_weights=weights,
             expert_tokens_meta=meta, handle=handle,
@@ -539,17 +641,34 @@ class BatchedAllToAllPrepareAndFinalize(AllToAllPrepareAndFinalize):
                 f"hidden_states has {hidden_states.shape[0]} tokens but {type(self).__name__} holds "
                 f"max_num_tokens={self.config.max_num_tokens} per rank; run it through ModularKernel, which chunks"
             )
-        # A token naming one expert twice could overflow the receiver's [max_num_tokens * P] rows; the
-        # receiver would raise after this rank had entered the combine and left it waiting out the
-        # timeout, so the sender rejects it before any collective.
-        if topk_ids.dim() == 2 and topk_ids.shape[1] > 1 and topk_ids.numel() and _value_checks_enabled(topk_ids):
-            ordered = torch.sort(topk_ids, dim=1).values
-            if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-                raise ValueError(
-                    "topk_ids repeats an expert within a token; the batched all-to-all layout holds each "
-                    "token at most once per expert"
-                )
         return super().prepare_async(hidden_states, topk_weights, topk_ids, **kwargs)
+
+    # A token naming one expert twice could overflow the receiver's [max_num_tokens * P] rows; the
+    # receiver would raise after this rank had entered the combine and left it waiting out the timeout.
+    # The flag travels in the count exchange instead, so every rank rejects the step before the dispatch.
+    _num_check_cols = 3
+
+    def _duplicate_flag(self, topk_ids: torch.Tensor) -> torch.Tensor | None:
+        if topk_ids.shape[1] < 2:
+            return torch.zeros((), dtype=torch.bool, device=topk_ids.device)
+        ordered = torch.sort(topk_ids, dim=1).values
+        return (ordered[:, 1:] == ordered[:, :-1]).any()
+
+    def _raise_own_bad_ids(self, facts: list[int]) -> None:
+        if facts[2]:
+            raise ValueError(
+                "topk_ids repeats an expert within a token; the batched all-to-all layout holds each "
+                "token at most once per expert"
+            )
+        super()._raise_own_bad_ids(facts)
+
+    def _raise_peer_bad_ids(self, rank: int, facts: list[int]) -> None:
+        if facts[2]:
+            raise ValueError(
+                f"EP rank {rank} sent topk_ids that repeat an expert within a token, which the batched "
+                f"all-to-all layout cannot hold; every rank of the group fails this dispatch "
+                f"(this is {self.ep.describe()})"
+            )
 
     def _buffer(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, fill=None):
         key = (role, shape, dtype, device)
@@ -561,13 +680,13 @@ class BatchedAllToAllPrepareAndFinalize(AllToAllPrepareAndFinalize):
             buf.fill_(fill)
         return buf
 
-    def _received(self, hidden, scale, ids, weights, handle, local_load_cpu, expert_map) -> PreparedTokens:
+    def _received(self, hidden, scale, ids, weights, handle, local_load, local_load_cpu, expert_map) -> PreparedTokens:
         e_local = self.config.num_local_experts
         device = hidden.device
         emap = expert_map
         if emap is None and self._own_map is not None:
             emap = self._own_map.to(device)
-        slots, counts = batch_slots_by_expert(ids, emap, e_local)
+        slots, counts = _received_slots(ids, emap, e_local, int(local_load_cpu.sum()))
         if local_load_cpu.numel() and int(local_load_cpu.max()) > self.max_tokens:
             raise ValueError(
                 f"a local expert received {int(local_load_cpu.max())} slots, more than the batched layout's "

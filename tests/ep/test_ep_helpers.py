@@ -19,11 +19,13 @@ from moe_plugin.distributed import (
 )
 from moe_plugin.oracle import Capabilities, select
 from moe_plugin.prepare_finalize import all2all
+from moe_plugin.prepare_finalize.local import batch_slots_by_expert
 from moe_plugin.prepare_finalize.all2all import (
     AllToAllPrepareAndFinalize,
     BatchedAllToAllPrepareAndFinalize,
     _as_bytes,
     _from_bytes,
+    _received_slots,
     _resolve_timeout,
     config_fingerprint,
 )
@@ -123,3 +125,37 @@ def test_timeouts_are_validated(monkeypatch):
     monkeypatch.setenv(all2all.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=all2all.TIMEOUT_ENV):
         _resolve_timeout(None)
+
+
+@pytest.mark.parametrize("m,p,density", [(0, 2, 0.5), (1, 2, 1.0), (7, 3, 0.0), (33, 4, 0.3), (64, 8, 0.9)])
+def test_rows_by_destination_match_nonzero_order(m, p, density):
+    # The receivers rely on the rows arriving grouped by destination, ascending token within one.
+    g = torch.Generator().manual_seed(m * 10 + p)
+    mask = torch.rand(m, p, generator=g) < density
+    want = [t for d in range(p) for t in range(m) if mask[t, d]]
+    got = AllToAllPrepareAndFinalize._rows_by_destination(mask)
+    assert got.shape == (p * m,) and got.dtype == torch.int64
+    assert got[: len(want)].tolist() == want
+
+
+@pytest.mark.parametrize("r,top_k,e,e_local,seed", [(0, 2, 8, 4, 0), (1, 1, 4, 2, 1), (20, 3, 12, 4, 2), (50, 8, 64, 16, 3)])
+def test_received_slots_match_batch_slots_by_expert(r, top_k, e, e_local, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(r)]).to(torch.int32) if r else \
+        torch.empty(0, top_k, dtype=torch.int32)
+    # Rank 1 of e // e_local, round-robin placement: local experts are 1, 1 + P, ...
+    p = e // e_local
+    emap = torch.full((e,), -1, dtype=torch.int32)
+    emap[1::p] = torch.arange(e_local, dtype=torch.int32)
+    n_local = sum(1 for v in ids.flatten().tolist() if emap[v] >= 0)
+    want_slots, want_counts = batch_slots_by_expert(ids, emap, e_local)
+    got_slots, got_counts = _received_slots(ids, emap, e_local, n_local)
+    for field in ("token", "slot", "expert", "row"):
+        assert getattr(got_slots, field).tolist() == getattr(want_slots, field).tolist(), field
+    assert got_counts.dtype == torch.int32 and got_counts.tolist() == want_counts.tolist()
+    # Independent of batch_slots_by_expert: rows number each expert's slots 0, 1, ... in slot order.
+    for x in range(e_local):
+        slots = [s for s in range(ids.numel()) if emap[ids.flatten()[s]] == x]
+        picked = got_slots.expert == x
+        assert got_slots.slot[picked].tolist() == slots
+        assert got_slots.row[picked].tolist() == list(range(len(slots)))
