@@ -16,8 +16,9 @@ One call:
 
 ``M_sum`` is exact when the per-expert counts are on the host (DeepEP high-throughput), else the worst case
 (``compute_aligned_M``), whose unused tail is all ``-1`` rows: DeepGEMM skips their blocks and the fused
-step never touches them, so no device-to-host copy of the counts is made for it. Only the two-step path
-(which would activate and quantize the whole tail) still fetches the counts in eager mode.
+step never touches them, so no device-to-host copy of the counts is made for it. The two-step path
+(which would activate and quantize the whole tail) and EP shards (whose worst case counts every rank's
+slots, ~ep_size times the real rows, in memory) still fetch the counts in eager mode.
 
 Weights are prepared ONCE into the layout DeepGEMM wants (``prepare_weights``) and cached, keyed by the
 weight tensors' storage and version: on SM90 the 128x128 fp32 block scales are used as they are; on SM100
@@ -506,7 +507,11 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         groups = k // DEEPGEMM_BLOCK
         alignment = self._alignment()
         fused = self._fused(activation)
-        m_sum = self._rows(topk_ids, expert_map, num_local, alignment, expert_tokens_meta, fetch_counts=not fused)
+        # The fused path needs no exact row count, except on an EP shard without host counts: there the
+        # worst case sizes buffers for every slot (all ranks' experts), ~ep_size times the real rows, and
+        # one small count copy is cheaper than that memory.
+        fetch = not fused or expert_map is not None
+        m_sum = self._rows(topk_ids, expert_map, num_local, alignment, expert_tokens_meta, fetch_counts=fetch)
 
         scattered = ep_scatter(
             hidden_states,

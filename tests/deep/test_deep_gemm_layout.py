@@ -256,6 +256,35 @@ def test_emulated_deep_gemm_experts_with_expert_map_and_foreign_ids():
     assert (out == 0).all()
 
 
+def test_ep_shard_without_host_counts_sizes_the_layout_from_the_real_rows():
+    # Worst case on a shard would size for every slot of every rank; eager calls read the counts instead.
+    e_global, k, hidden, inter, m = 16, 4, 256, 128, 256
+    parallel = ParallelConfig(4, 0)
+    quant = QuantConfig.fp8_block()
+    cfg = MoEConfig(e_global, k, hidden, inter, quant=quant, parallel=parallel)
+    weights = fp8_weights(4, inter, hidden, seed=3)
+    emap = build_expert_map(e_global, parallel)
+    x = torch.randn(m, hidden).bfloat16()
+    w, ids = routing(m, e_global, k, 11)
+    rows_seen = []
+
+    class Spy(EmulatedDeepGemmExperts):
+        def _gemm(self, a, a_scale, w_, w_scale, out, m_indices):
+            rows_seen.append(a.shape[0])
+            super()._gemm(a, a_scale, w_, w_scale, out, m_indices)
+
+    got = ModularKernel(LocalPrepareAndFinalize(quant), Spy(cfg))(x, weights, w, ids, global_num_experts=e_global,
+                                                                  expert_map=emap)
+    local = emap.long()[ids.long()]
+    counts = torch.bincount(local[local >= 0], minlength=4)
+    exact = int(((counts + 127) // 128 * 128).sum().clamp_min(128))
+    worst = DeepGemmExperts._rows(ids, emap, 4, 128, None, fetch_counts=False)
+    assert rows_seen == [exact, exact] and exact < worst
+    ref = ModularKernel(LocalPrepareAndFinalize(quant), TorchExperts(cfg))(x, weights, w, ids,
+                                                                          global_num_experts=e_global, expert_map=emap)
+    assert rel_err(got, ref) < 0.01
+
+
 def test_emulated_batched_deep_gemm_experts_match_reference():
     e, k, hidden, inter, t = 4, 2, 256, 128, 16
     quant = QuantConfig.fp8_block()
