@@ -1363,6 +1363,7 @@ def fused_experts_triton(
     """
     from ..functional import infer_global_num_experts, infer_quant
     from ..modular import ExpertWeights
+    from ..prepare_finalize.local import apply_weight_on_input
     from ..validation import check_moe_inputs
 
     quant = infer_quant(w1, w1_scale, quant, None)
@@ -1406,9 +1407,7 @@ def fused_experts_triton(
         raise ValueError(f"num_tokens_hint must be a positive int, got {num_tokens_hint!r}")
     if m == 0:
         return out
-    a1 = hidden_states
-    if apply_router_weight_on_input:
-        a1 = (a1.float() * topk_weights.float()).to(a1.dtype)
+    a1 = apply_weight_on_input(hidden_states, topk_weights, apply_router_weight_on_input)
     return experts_standard(
         out,
         a1,
