@@ -55,7 +55,14 @@ from ..modular import (
 )
 from ..ops.activation import FUSED_QUANT_ACTIVATIONS, activation_output_dim, apply_activation, gated_act_fp8_quant
 from ..ops.permute import compute_aligned_M, ep_gather, ep_scatter
-from ..ops.quant import FP8_MAX, dequant_block_weight, per_token_group_quant_fp8, round_scale_ue8m0
+from ..ops.quant import (
+    FP8_MAX,
+    dequant_block_weight,
+    mn_major_scales,
+    per_token_group_quant_fp8,
+    round_scale_ue8m0,
+    tma_aligned_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,21 +192,6 @@ def deep_gemm_problems(config: MoEConfig, caps: Any, *, batched: bool) -> list[s
 
 
 # ---- layout logic (plain torch) -----------------------------------------------------------------------------
-
-
-def tma_aligned_size(rows: int, element_size: int = 4) -> int:
-    """Rows rounded up so a column of ``element_size``-byte scales is a whole 16-byte TMA unit."""
-    per = 16 // element_size
-    return (rows + per - 1) // per * per
-
-
-def mn_major_scales(rows: int, groups: int, device: torch.device, batch: int | None = None) -> torch.Tensor:
-    """Empty fp32 scales ``[rows, groups]`` (or ``[batch, rows, groups]``) stored column-major with a
-    TMA-aligned column stride: the layout DeepGEMM's SM90 kernels read without a transposing copy."""
-    ld = tma_aligned_size(rows)
-    if batch is None:
-        return torch.empty_strided((rows, groups), (1, ld), dtype=torch.float32, device=device)
-    return torch.empty_strided((batch, rows, groups), (ld * groups, 1, ld), dtype=torch.float32, device=device)
 
 
 def local_expert_ids_of_slots(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:

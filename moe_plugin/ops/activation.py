@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ACTIVATIONS, FP8_DTYPE, is_gated
+from .quant import mn_major_scales
 
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
@@ -256,8 +257,7 @@ def gated_act_fp8_quant(
         )
     if out_scales is None:
         if column_major_scales:
-            ld = (m + 3) // 4 * 4
-            out_scales = torch.empty_strided((m, groups), (1, ld), dtype=torch.float32, device=x.device)
+            out_scales = mn_major_scales(m, groups, x.device)
         else:
             out_scales = torch.empty((m, groups), dtype=torch.float32, device=x.device)
     elif (
@@ -273,9 +273,7 @@ def gated_act_fp8_quant(
     if m == 0:
         return out, out_scales
 
-    from ._dispatch import use_triton
-
-    if use_triton(x):
+    if _use_triton(x):
         from ._activation_triton import gated_act_fp8_quant_triton
 
         src = x if x.stride(1) == 1 else x.contiguous()

@@ -14,6 +14,23 @@ from ..config import FP8_DTYPE
 
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 FP8_MIN = float(torch.finfo(FP8_DTYPE).min)
+
+
+def tma_aligned_size(rows: int, element_size: int = 4) -> int:
+    """Rows rounded up so a column of ``element_size``-byte scales is a whole 16-byte TMA unit."""
+    per = 16 // element_size
+    return (rows + per - 1) // per * per
+
+
+def mn_major_scales(rows: int, groups: int, device: torch.device, batch: int | None = None) -> torch.Tensor:
+    """Empty fp32 scales ``[rows, groups]`` (or ``[batch, rows, groups]``) stored column-major with a
+    TMA-aligned column stride: the layout DeepGEMM's SM90 kernels read without a transposing copy."""
+    ld = tma_aligned_size(rows)
+    if batch is None:
+        return torch.empty_strided((rows, groups), (1, ld), dtype=torch.float32, device=device)
+    return torch.empty_strided((batch, rows, groups), (ld * groups, 1, ld), dtype=torch.float32, device=device)
+
+
 DEFAULT_EPS = 1e-10
 
 
