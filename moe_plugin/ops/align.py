@@ -14,9 +14,9 @@ Semantics (vLLM's ``moe_align_block_size``):
 - Slots whose id lies outside ``[0, num_experts)`` (e.g. -1 for "dropped") are neither counted nor placed.
 
 The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
-and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), three above. Inside a CUDA graph each launch costs a few
-microseconds of its own, which dominates small problems; a single program's cost grows with the slots it
-sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8, block 64,
+and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), three above. Inside
+a CUDA graph each launch costs a few microseconds of its own, which dominates small problems; a single
+program's cost grows with the slots it sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8, block 64,
 128 experts):
 
     tokens (slots)    one program   three launches
@@ -34,10 +34,10 @@ slots x experts <= 512 x 128.
 (A two-launch variant that folded the scan into the rank launch through self-resetting atomic tickets
 measured 7.6 to 8.4 us from 64 to 512 tokens and 16.0 us at 4096: slower than three launches everywhere.)
 
-- One program (at most 512 slots, 1024 experts, 512 x 128 slots x experts and 4095 blocks): the program loads every slot, counts the
-  experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a stable sort by expert), and
-  writes each sorted slot to its expert's padded offset plus its position within the expert. Block ids
-  come from a histogram of the experts' end blocks.
+- One program (at most 512 slots, 1024 experts, 512 x 128 slots x experts and 4095 blocks): the program
+  loads every slot, counts the experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a
+  stable sort by expert), and writes each sorted slot to its expert's padded offset plus its position
+  within the expert. Block ids come from a histogram of the experts' end blocks.
 - Three launches otherwise:
 
   1. rank: each program takes a chunk of slots (32 up to 32k slots, larger beyond so that there are at
