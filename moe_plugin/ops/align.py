@@ -16,8 +16,8 @@ Semantics (vLLM's ``moe_align_block_size``):
 The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
 and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), three above. Inside
 a CUDA graph each launch costs a few microseconds of its own, which dominates small problems; a single
-program's cost grows with the slots it sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8, block 64,
-128 experts):
+program's cost grows with the slots it sorts, which dominates large ones. Measured on an H100 (median of
+CUDA-graph replays, top-8, block 64, 128 experts):
 
     tokens (slots)    one program   three launches
     1      (8)           2.9 us         6.4 us
