@@ -65,7 +65,7 @@ from ..modular import (
 )
 from ..ops.scheme import quantize_activation
 from ..validation import _value_checks_enabled
-from .local import BatchedSlots, apply_weight_on_input, reduce_batched_output
+from .local import BatchedSlots, apply_weight_on_input, batch_slots_by_expert, reduce_batched_output
 
 logger = logging.getLogger(__name__)
 
@@ -234,29 +234,6 @@ def _supports_ep(config: MoEConfig) -> tuple[bool, str]:
     if world % config.parallel.ep_size:
         return False, f"ep_size={config.parallel.ep_size} does not divide the world size {world}"
     return True, ""
-
-
-def _received_slots(
-    topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int, num_local_slots: int
-) -> tuple[BatchedSlots, torch.Tensor]:
-    """``batch_slots_by_expert`` with the number of local slots known on the host (from the count
-    exchange): the same slots in the same order, without ``nonzero`` / ``bincount`` reading sizes on the
-    host. Returns the slots and ``expert_num_tokens [E_local]`` (int32)."""
-    top_k = topk_ids.shape[1]
-    ids = topk_ids.reshape(-1).long()
-    local = expert_map.long()[ids] if expert_map is not None else ids
-    # Slots owned elsewhere sort after every local expert; a stable sort keeps slot order within one.
-    key = torch.where(local >= 0, local, num_local_experts)
-    sorted_key, order = torch.sort(key, stable=True)
-    slot = order[:num_local_slots]
-    expert = sorted_key[:num_local_slots]
-    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=ids.device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    counts = counts[:num_local_experts]
-    starts = torch.cumsum(counts, 0) - counts
-    row = torch.arange(num_local_slots, device=ids.device) - starts[expert]
-    token = torch.div(slot, top_k, rounding_mode="floor")
-    return BatchedSlots(token=token, slot=slot, expert=expert, row=row), counts.to(torch.int32)
 
 
 @dataclass
@@ -686,7 +663,7 @@ class BatchedAllToAllPrepareAndFinalize(AllToAllPrepareAndFinalize):
         emap = expert_map
         if emap is None and self._own_map is not None:
             emap = self._own_map.to(device)
-        slots, counts = _received_slots(ids, emap, e_local, int(local_load_cpu.sum()))
+        slots, counts = batch_slots_by_expert(ids, emap, e_local, int(local_load_cpu.sum()))
         if local_load_cpu.numel() and int(local_load_cpu.max()) > self.max_tokens:
             raise ValueError(
                 f"a local expert received {int(local_load_cpu.max())} slots, more than the batched layout's "

@@ -88,22 +88,32 @@ class BatchedSlots:
 
 
 def batch_slots_by_expert(
-    topk_ids: torch.Tensor, expert_map: torch.Tensor | None, num_local_experts: int
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    num_local_experts: int,
+    num_local_slots: int | None = None,
 ) -> tuple[BatchedSlots, torch.Tensor]:
     """Assign every slot routed to a local expert a row in that expert's block, in ascending slot order.
 
-    Returns the slots and ``expert_num_tokens [E_local]`` (int32).
+    Returns the slots and ``expert_num_tokens [E_local]`` (int32). ``num_local_slots``, the number of
+    slots routed to local experts when the caller already has it on the host (the all-to-all's count
+    exchange), spares the one device-to-host read of that size.
     """
     top_k = topk_ids.shape[1]
     ids = topk_ids.reshape(-1).long()
     local = expert_map.long()[ids] if expert_map is not None else ids
-    slot = torch.nonzero(local >= 0, as_tuple=False).flatten()
-    expert = local[slot]
-    order = torch.sort(expert, stable=True).indices
-    slot, expert = slot[order], expert[order]
-    counts = torch.bincount(expert, minlength=num_local_experts)
+    # Slots owned elsewhere sort after every local expert; a stable sort keeps slot order within one.
+    key = torch.where(local >= 0, local, num_local_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_local_experts]
+    if num_local_slots is None:
+        num_local_slots = int(counts.sum())
+    slot = order[:num_local_slots]
+    expert = sorted_key[:num_local_slots]
     starts = torch.cumsum(counts, 0) - counts
-    row = torch.arange(slot.numel(), device=slot.device) - starts[expert]
+    row = torch.arange(num_local_slots, device=ids.device) - starts[expert]
     token = torch.div(slot, top_k, rounding_mode="floor")
     return BatchedSlots(token=token, slot=slot, expert=expert, row=row), counts.to(torch.int32)
 

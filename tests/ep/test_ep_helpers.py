@@ -25,7 +25,6 @@ from moe_plugin.prepare_finalize.all2all import (
     BatchedAllToAllPrepareAndFinalize,
     _as_bytes,
     _from_bytes,
-    _received_slots,
     _resolve_timeout,
     config_fingerprint,
 )
@@ -139,7 +138,7 @@ def test_rows_by_destination_match_nonzero_order(m, p, density):
 
 
 @pytest.mark.parametrize("r,top_k,e,e_local,seed", [(0, 2, 8, 4, 0), (1, 1, 4, 2, 1), (20, 3, 12, 4, 2), (50, 8, 64, 16, 3)])
-def test_received_slots_match_batch_slots_by_expert(r, top_k, e, e_local, seed):
+def test_batch_slots_with_the_host_slot_count_match_without(r, top_k, e, e_local, seed):
     g = torch.Generator().manual_seed(seed)
     ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(r)]).to(torch.int32) if r else \
         torch.empty(0, top_k, dtype=torch.int32)
@@ -149,13 +148,15 @@ def test_received_slots_match_batch_slots_by_expert(r, top_k, e, e_local, seed):
     emap[1::p] = torch.arange(e_local, dtype=torch.int32)
     n_local = sum(1 for v in ids.flatten().tolist() if emap[v] >= 0)
     want_slots, want_counts = batch_slots_by_expert(ids, emap, e_local)
-    got_slots, got_counts = _received_slots(ids, emap, e_local, n_local)
+    got_slots, got_counts = batch_slots_by_expert(ids, emap, e_local, n_local)
     for field in ("token", "slot", "expert", "row"):
         assert getattr(got_slots, field).tolist() == getattr(want_slots, field).tolist(), field
     assert got_counts.dtype == torch.int32 and got_counts.tolist() == want_counts.tolist()
-    # Independent of batch_slots_by_expert: rows number each expert's slots 0, 1, ... in slot order.
+    # Independent of the implementation: rows number each expert's slots 0, 1, ... in slot order.
     for x in range(e_local):
         slots = [s for s in range(ids.numel()) if emap[ids.flatten()[s]] == x]
         picked = got_slots.expert == x
         assert got_slots.slot[picked].tolist() == slots
         assert got_slots.row[picked].tolist() == list(range(len(slots)))
+        assert got_slots.token[picked].tolist() == [s // top_k for s in slots]
+        assert got_counts[x].item() == len(slots)
