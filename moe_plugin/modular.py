@@ -160,6 +160,11 @@ class PrepareAndFinalize(ABC):
     experts_rows_are_caller_tokens: ClassVar[bool] = False
     """True when prepare hands the experts the caller's own tokens in order (no communication, no
     reordering): experts that weight and reduce themselves may then write straight into the output."""
+    can_leave_quant_to_experts: ClassVar[bool] = False
+    """True when prepare sends nothing over a wire, so activations need not be quantized before it: paired
+    with experts that quantize inside their permute (``quantizes_own_input``), ``ModularKernel`` sets
+    ``leave_quant_to_experts`` and prepare hands over the model-dtype tokens."""
+    leave_quant_to_experts: bool = False
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
@@ -255,6 +260,9 @@ class PermuteExpertsUnpermute(ABC):
     activation_format: ClassVar[ActivationFormat] = ActivationFormat.STANDARD
     required_modules: ClassVar[tuple[str, ...]] = ()
     supports_expert_map: ClassVar[bool] = True
+    quantizes_own_input: ClassVar[bool] = False
+    """True when ``apply`` also takes model-dtype activations (``a1q_scale`` None) under a dynamic FP8
+    scheme and quantizes them while permuting, in one pass over the tokens it keeps."""
 
     def __init__(self, config: MoEConfig):
         self.config = config
@@ -374,6 +382,10 @@ class ModularKernel:
         cap = prepare_finalize.max_num_tokens_per_rank()
         if cap is not None:
             chunk_size = min(chunk_size, cap)
+        # The prepare instance belongs to this kernel: whether it quantizes depends on its partner.
+        prepare_finalize.leave_quant_to_experts = bool(
+            experts.quantizes_own_input and prepare_finalize.can_leave_quant_to_experts and experts.quant.is_quantized
+        )
         self.prepare_finalize = prepare_finalize
         self.experts = experts
         self.shared_experts = shared_experts

@@ -8,7 +8,8 @@ H100 including DeepGEMM's JIT compiles; ``--backends all`` adds the masked and T
 sizes (``--tokens 64 256 ...``) the crossover needs.
 
 ``--breakdown`` also times every stage of DeepGemmExperts.apply on its own, on the rows the call itself
-uses (exact with host counts, the worst case otherwise): prepare's quantization, ep_scatter, GEMM1, the
+uses (exact with host counts, the worst case otherwise): prepare's quantization, ep_scatter of FP8 rows,
+ep_scatter quantizing bf16 rows (the two stages it replaces), GEMM1, the
 activation + quantization both ways (two-step, fused), GEMM2, ep_gather; and prints one table.
 
 Shapes (one GPU; the DeepSeek-V3 row is one EP8 rank: 32 of 256 experts, routing over all 256 so about
@@ -19,8 +20,10 @@ Shapes (one GPU; the DeepSeek-V3 row is one EP8 rank: 32 of 256 experts, routing
     dsv3-ep8        E=256 (32 local) top-8 K=7168 N=2048
 
 Backends per (shape, M): ``deep_gemm`` (DeepGemmExperts, whole call incl. quantization, permute and
-unpermute), ``deep_gemm_two_step`` (the same with the activation and its quantization unfused: the
-before of the fusion), ``deep_gemm_gemm_only`` (its two grouped GEMMs on pre-permuted data), ``batched_deep_gemm``
+unpermute; behind the local prepare the input is quantized inside the scatter), ``deep_gemm_prequant``
+(the same with prepare quantizing every token first, as before that fusion and as behind an FP8
+dispatch), ``deep_gemm_two_step`` (the activation and its quantization unfused: the before of that
+fusion), ``deep_gemm_gemm_only`` (its two grouped GEMMs on pre-permuted data), ``batched_deep_gemm``
 (masked, the experts call on a ready batched layout, decode sizes only), ``triton_fp8`` and
 ``triton_bf16`` (moe_plugin.experts.triton, when present). Every timing is the median of CUDA-graph
 replays (eager when a backend cannot be captured, marked ``"mode": "eager"``).
@@ -57,9 +60,9 @@ SHAPES = {
 }
 TOKENS = (1024, 4096, 16384)
 DEFAULT_SHAPES = ("qwen3-30b-a3b", "dsv3-ep8")
-BACKENDS = ("deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only", "batched_deep_gemm", "triton_fp8", "triton_bf16")
-DEFAULT_BACKENDS = ("deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only")
-STAGES = ("prepare_quant", "scatter", "gemm1", "act_quant_two_step", "act_quant_fused", "gemm2", "gather")
+BACKENDS = ("deep_gemm", "deep_gemm_prequant", "deep_gemm_two_step", "deep_gemm_gemm_only", "batched_deep_gemm", "triton_fp8", "triton_bf16")
+DEFAULT_BACKENDS = ("deep_gemm", "deep_gemm_prequant", "deep_gemm_two_step", "deep_gemm_gemm_only")
+STAGES = ("prepare_quant", "scatter", "scatter_quant", "gemm1", "act_quant_two_step", "act_quant_fused", "gemm2", "gather")
 GEMM_ONLY_TARGETS_US = {1024: 606.0, 4096: 709.0, 16384: 1405.0}
 MASKED_DECODE_TARGET_US = (515.0, 535.0)
 WHOLE_CALL_SLACK = 1.15
@@ -187,6 +190,9 @@ def bench_stages(bench: Bench, name: str, m: int, dg, prepared, x, w, ids, emap,
         "prepare_quant": lambda: per_token_group_quant_fp8(x, DEEPGEMM_BLOCK, use_ue8m0=ue8m0),
         "scatter": lambda: ep_scatter(a1q, a1s, ids, e_local, emap, alignment=align, m_sum=m_sum,
                                       fill_invalid_expert=-1, out=hid, out_scales=hid_s),
+        "scatter_quant": lambda: ep_scatter(x, None, ids, e_local, emap, alignment=align, m_sum=m_sum,
+                                            fill_invalid_expert=-1, out=hid, out_scales=hid_s,
+                                            quant_group_size=DEEPGEMM_BLOCK, use_ue8m0=ue8m0),
         "gemm1": lambda: dg._gemm(res.hidden_states, res.scales, prepared.w1, prepared.w1_scale, mm1, res.m_indices),
         "act_quant_two_step": two_step,
         "act_quant_fused": lambda: gated_act_fp8_quant(mm1, act, DEEPGEMM_BLOCK, m_indices=res.m_indices,
@@ -225,7 +231,7 @@ def bench_gemm_only(bench: Bench, name: str, m: int, dg, prepared, x, ids, emap,
 
     only = bench.record(name, m, "deep_gemm_gemm_only", gemms, local_rows=local_rows, m_sum=m_sum)
     for r in bench.rows:
-        if r["shape"] == name and r["M"] == m and r["backend"] in ("deep_gemm", "deep_gemm_two_step"):
+        if r["shape"] == name and r["M"] == m and r["backend"] in ("deep_gemm", "deep_gemm_prequant", "deep_gemm_two_step"):
             if r.get("us") and only.get("us"):
                 r["ratio_to_gemm_only"] = round(r["us"] / only["us"], 3)
 
@@ -262,6 +268,11 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
         if "deep_gemm" in backends:
             kernel = ModularKernel(pf, dg)
             bench.record(name, m, "deep_gemm", lambda: kernel(x, fp8_weights, w, ids, **kw))
+        if "deep_gemm_prequant" in backends:
+            dgp = DeepGemmExperts(cfg)
+            dgp.quantizes_own_input = False
+            kernelp = ModularKernel(HostCountsPrepare(quant, counts) if ep > 1 else LocalPrepareAndFinalize(quant), dgp)
+            bench.record(name, m, "deep_gemm_prequant", lambda: kernelp(x, fp8_weights, w, ids, **kw))
         if "deep_gemm_two_step" in backends:
             dg2 = DeepGemmExperts(cfg)
             dg2.fuse_activation_quant = False
@@ -390,17 +401,17 @@ def main() -> int:
 
 def breakdown_table(rows: list[dict]) -> str:
     """One line per (shape, M): whole calls, GEMM-only, each stage and their sums, in microseconds."""
-    cols = ["deep_gemm", "deep_gemm_two_step", "deep_gemm_gemm_only"] + [f"stage:{s}" for s in STAGES]
+    cols = ["deep_gemm", "deep_gemm_prequant", "deep_gemm_two_step", "deep_gemm_gemm_only"] + [f"stage:{s}" for s in STAGES]
     keys = sorted({(r["shape"], r["M"]) for r in rows})
     table = {(r["shape"], r["M"], r["backend"]): r.get("us") for r in rows}
-    short = ["whole", "whole_2step", "gemm_only", "prep_q", "scatter", "gemm1", "aq_2step", "aq_fused", "gemm2",
-             "gather", "sum_fused", "sum_2step"]
+    short = ["whole", "whole_preq", "whole_2step", "gemm_only", "prep_q", "scatter", "scatter_q", "gemm1",
+             "aq_2step", "aq_fused", "gemm2", "gather", "sum_fused", "sum_2step"]
     lines = ["shape            M      " + " ".join(f"{c:>11}" for c in short)]
     for shape, m in keys:
         vals = [table.get((shape, m, c)) for c in cols]
-        st = dict(zip(STAGES, vals[3:]))
-        # comparable with the whole call, which includes prepare's quantization too
-        common = [st[s] for s in ("prepare_quant", "scatter", "gemm1", "gemm2", "gather")]
+        st = dict(zip(STAGES, vals[4:]))
+        # comparable with the whole call: the quantizing scatter, or prepare's quantization and the FP8 scatter
+        common = [st[s] for s in ("scatter_quant", "gemm1", "gemm2", "gather")]
         fused = None if None in common or st["act_quant_fused"] is None else sum(common) + st["act_quant_fused"]
         two = None if None in common or st["act_quant_two_step"] is None else sum(common) + st["act_quant_two_step"]
         cells = vals + [fused, two]

@@ -3,10 +3,11 @@
 Measured, each as the median of CUDA-graph replays (``triton.testing.do_bench_cudagraph``):
 
 - ``moe_align_block_size`` (and its graph-safe form) for every M x E, top-k 8, with the number of kernel
-  launches it makes (one program up to ``ops.align._ONE_PROGRAM_MAX_SLOTS`` slots, three launches above;
-  ``--one-program-max`` re-measures with other limits: ``-1`` forces three launches at every M, a limit
-  above the default places the crossover but compiles a one-program sort of up to that many slots, which
-  takes seconds per shape);
+  launches it makes (one program up to ``ops.align._ONE_PROGRAM_MAX_SLOTS`` slots, two launches while the
+  chunk count table is small, three above); ``--one-program-max`` re-measures with other limits: ``-1``
+  leaves the one program out, a limit above the default places the crossover but compiles a one-program
+  sort of up to that many slots, which takes seconds per shape; ``--two-launch-chunk`` and
+  ``--two-launch-max-table`` do the same for the two-launch path (``--two-launch-max-table -1``: never);
 - ``moe_permute`` / ``moe_unpermute`` and ``ep_scatter`` / ``ep_gather`` for every M x E, reported also as
   achieved bandwidth (bytes that must move: each input row read once, each output row written once) and as
   a percentage of the device-to-device copy bandwidth measured in the same run.
@@ -15,7 +16,7 @@ Targets checked: align <= 10 us for M <= 4096; permute / unpermute >= 70 % of co
 
     python scripts/bench_ops.py --out bench_out/ops.json
     python scripts/bench_ops.py --out bench_out/align.json --align-only --tokens 1 64 128 256 512 4096 \
-        --one-program-max 512 -1     # align only: the default limit, then three launches at every M
+        --one-program-max 512 -1 --two-launch-max-table 16384 -1  # every combination of the limits
 
 Align calls take a few microseconds on the GPU but tens of microseconds of Python to capture, so they are
 timed with a shorter replay (``--align-rep-ms``): the graph of ``rep / eager time`` calls stays small.
@@ -57,7 +58,15 @@ def parse_args(argv=None):
         type=int,
         nargs="+",
         default=None,
-        help="time align with each of these one-program limits (slots; -1: always three launches) instead of the default",
+        help="time align with each of these one-program limits (slots; -1: never one program) instead of the default",
+    )
+    p.add_argument("--two-launch-chunk", type=int, nargs="+", default=None, help="two-launch chunk sizes to time (slots, power of two)")
+    p.add_argument(
+        "--two-launch-max-table",
+        type=int,
+        nargs="+",
+        default=None,
+        help="two-launch count-table limits to time (chunks x experts; -1: never two launches)",
     )
     return p.parse_args(argv)
 
@@ -122,15 +131,32 @@ def main(argv=None):
         results["copy"] = {"GBps": copy_gbps, "us": copy_us, "bytes": copy_bytes}
         print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write) on {results['device']}")
 
-    default_limit = align_mod._ONE_PROGRAM_MAX_SLOTS
+    defaults = (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._TWO_LAUNCH_CHUNK, align_mod._TWO_LAUNCH_MAX_TABLE)
+    variants = [
+        (limit, chunk, table)
+        for limit in args.one_program_max or [defaults[0]]
+        for chunk in args.two_launch_chunk or [defaults[1]]
+        for table in args.two_launch_max_table or [defaults[2]]
+    ]
+    variants.sort(key=lambda v: v != defaults)  # the defaults first, so deduplication never drops them
     for e in args.experts:
         for m in args.tokens:
             ids = routing(m, top_k, e, dev)
             valid = torch.tensor([m], dtype=torch.int32, device=dev)
-            for limit in args.one_program_max or [default_limit]:
-                align_mod._ONE_PROGRAM_MAX_SLOTS = limit
+            measured = set()
+            for limit, chunk, table in variants:
+                align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._TWO_LAUNCH_CHUNK, align_mod._TWO_LAUNCH_MAX_TABLE = (
+                    limit,
+                    chunk,
+                    table,
+                )
                 n_blocks = align_mod.align_buffer_sizes(m * top_k, args.block_size, e)[1]
-                launches = 1 if align_mod._single_program_fits(m * top_k, e, n_blocks) else 3
+                launches = align_mod.align_launches(m * top_k, e, n_blocks)
+                # Variants that land on the same kernels at this size are timed once.
+                key = (launches, chunk if launches == 2 else None)
+                if key in measured:
+                    continue
+                measured.add(key)
                 align_us = bench(lambda: moe_align_block_size(ids, args.block_size, e), args.align_rep_ms)
                 safe_us = bench(
                     lambda: moe_align_block_size_graph_safe(ids, args.block_size, e, valid), args.align_rep_ms
@@ -141,6 +167,9 @@ def main(argv=None):
                         "E": e,
                         "block_size": args.block_size,
                         "one_program_max": limit,
+                        "two_launch_chunk": chunk,
+                        "two_launch_max_table": table,
+                        "default_limits": (limit, chunk, table) == defaults,
                         "launches": launches,
                         "us": align_us,
                         "graph_safe_us": safe_us,
@@ -148,10 +177,10 @@ def main(argv=None):
                 )
                 print(
                     f"E={e:4d} M={m:6d}  align {align_us:7.1f} us (graph-safe {safe_us:7.1f})  {launches} launch(es), "
-                    f"one-program limit {limit}",
+                    f"one-program limit {limit}, two-launch chunk {chunk} table limit {table}",
                     flush=True,
                 )
-            align_mod._ONE_PROGRAM_MAX_SLOTS = default_limit
+            align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._TWO_LAUNCH_CHUNK, align_mod._TWO_LAUNCH_MAX_TABLE = defaults
             if args.align_only:
                 continue
 
@@ -203,8 +232,8 @@ def main(argv=None):
             )
             del x, permuted, y, y2, scat
 
-    # The target is checked with the default one-program limit only.
-    small = [r for r in results["align"] if r["M"] <= 4096 and r["one_program_max"] == default_limit]
+    # The target is checked with the default limits only.
+    small = [r for r in results["align"] if r["M"] <= 4096 and r["default_limits"]]
     large = [r for r in results["permute"] if r["M"] >= 4096]
     results["targets"] = {
         "align_max_us_M_le_4096": max((r["us"] for r in small), default=None),

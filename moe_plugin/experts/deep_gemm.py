@@ -392,6 +392,9 @@ class DeepGemmExperts(DeepGemmExpertsBase):
 
     name = "deep_gemm"
     activation_format = ActivationFormat.STANDARD
+    # Behind a local prepare the input is quantized inside ep_scatter: one read of the tokens this rank
+    # computes instead of a quantize pass over every token and a copy of the FP8 rows.
+    quantizes_own_input = True
 
     @classmethod
     def supports(cls, config: MoEConfig, caps: Any) -> tuple[bool, str]:
@@ -483,10 +486,12 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         expert_tokens_meta,
         apply_router_weight_on_input,
     ) -> None:
-        if hidden_states.dtype != FP8_DTYPE or a1q_scale is None:
+        quantize_here = hidden_states.dtype in (torch.bfloat16, torch.float16, torch.float32) and a1q_scale is None
+        if not quantize_here and (hidden_states.dtype != FP8_DTYPE or a1q_scale is None):
             raise TypeError(
-                f"{type(self).__name__} takes FP8 activations with 1x128 scales from prepare, got "
-                f"{hidden_states.dtype} with scale {None if a1q_scale is None else tuple(a1q_scale.shape)}"
+                f"{type(self).__name__} takes FP8 activations with 1x128 scales, or bf16/fp16/fp32 activations "
+                f"without scales (quantized here), got {hidden_states.dtype} with scale "
+                f"{None if a1q_scale is None else tuple(a1q_scale.shape)}"
             )
         self._check_output(output)
         m, k = hidden_states.shape
@@ -505,9 +510,10 @@ class DeepGemmExperts(DeepGemmExpertsBase):
         fetch = not fused or expert_map is not None
         m_sum = self._rows(topk_ids, expert_map, num_local, alignment, expert_tokens_meta, fetch_counts=fetch)
 
+        use_ue8m0 = self.quant.scale_format is ScaleFormat.UE8M0
         scattered = ep_scatter(
             hidden_states,
-            a1q_scale.reshape(m, groups),
+            None if quantize_here else a1q_scale.reshape(m, groups),
             topk_ids,
             num_local,
             expert_map,
@@ -516,11 +522,12 @@ class DeepGemmExperts(DeepGemmExpertsBase):
             fill_invalid_expert=-1,  # DeepGEMM skips blocks whose first row is -1
             out=_fp8_view(workspace13, m_sum, k),
             out_scales=mn_major_scales(m_sum, groups, hidden_states.device),
+            quant_group_size=DEEPGEMM_BLOCK if quantize_here else None,
+            use_ue8m0=use_ue8m0,
         )
         mm1 = _typed_view(workspace2, torch.bfloat16, (m_sum, n))
         self._gemm(scattered.hidden_states, scattered.scales, prepared.w1, prepared.w1_scale, mm1, scattered.m_indices)
 
-        use_ue8m0 = self.quant.scale_format is ScaleFormat.UE8M0
         if fused:
             a2q, a2_scale = _a2_views(workspace2, m_sum * n * mm1.element_size(), m_sum, act)
             gated_act_fp8_quant(

@@ -78,6 +78,11 @@ _ONE_PROGRAM_MAX_KEYS = 1024
 # (3.0 / 4.1 vs 6.4 / 7.1 us). Slots x keys bounds both.
 _ONE_PROGRAM_MAX_WORK = 512 * 128
 _ONE_PROGRAM_MAX_BLOCKS = 4096
+# Two-launch path: chunks of this many slots, sorted in registers like the one program; taken while the
+# count table (chunks x experts), which every place program reads whole, has at most this many entries.
+_TWO_LAUNCH_CHUNK = 256
+_TWO_LAUNCH_MAX_TABLE = 128 * 128
+_TABLE_TILE = 4096
 # Three-launch path: at most this many chunks (the scan's rows).
 _MAX_CHUNKS = 1024
 _SCAN_TILE = 4096
@@ -237,6 +242,22 @@ def _single_program_fits(numel: int, num_keys: int, n_blocks: int) -> bool:
     )
 
 
+def _two_launch_chunks(numel: int, num_keys: int) -> int:
+    """Chunks of the two-launch path, 0 where its count table would be too large (or the keys too many for
+    a chunk's histogram)."""
+    n_chunks = max(1, _cdiv(numel, _TWO_LAUNCH_CHUNK))
+    if num_keys > _ONE_PROGRAM_MAX_KEYS or n_chunks * num_keys > _TWO_LAUNCH_MAX_TABLE:
+        return 0
+    return n_chunks
+
+
+def align_launches(numel: int, num_keys: int, n_blocks: int) -> int:
+    """How many kernel launches the Triton engine makes for a problem (1, 2 or 3)."""
+    if _single_program_fits(numel, num_keys, n_blocks):
+        return 1
+    return 2 if _two_launch_chunks(numel, num_keys) else 3
+
+
 def sort_slots_triton(
     ids: torch.Tensor,
     top_k: int,
@@ -311,6 +332,11 @@ def sort_slots_triton(
         )
         return
 
+    two_launch_chunks = _two_launch_chunks(numel, num_keys)
+    if two_launch_chunks:
+        _sort_in_chunks(slot_args, slot_flags, output_args, output_flags, out, block, fill_len, n_blocks, two_launch_chunks)
+        return
+
     sub = min(_RANK_SUB, max(16, _next_pow2(numel)))
     chunk = max(sub, _next_pow2(_cdiv(numel, _MAX_CHUNKS)))
     n_chunks = max(1, _cdiv(numel, chunk))
@@ -361,6 +387,49 @@ def sort_slots_triton(
         **output_flags,
         KEYS_P2=keys_p2,
         CHUNK=chunk,
+        BLOCK_TILE=_BLOCKS_PER_PROGRAM,
+        num_warps=4,
+    )
+
+
+def _sort_in_chunks(slot_args, slot_flags, output_args, output_flags, out, block, fill_len, n_blocks, n_chunks) -> None:
+    """The two-launch path: chunk ranks and counts, then every program scans the count table itself."""
+    ids, num_keys = slot_args[0], slot_args[-1]
+    device = ids.device
+    chunk = _TWO_LAUNCH_CHUNK
+    keys_p2 = max(32, _next_pow2(num_keys))
+    counts = torch.empty((n_chunks, num_keys), dtype=torch.int32, device=device)
+    ranks = torch.empty((max(ids.numel(), 1),), dtype=torch.int32, device=device)
+    fill_per_program = _cdiv(_cdiv(fill_len, n_chunks), _FILL_BLOCK) * _FILL_BLOCK
+    _chunk_rank_kernel[(n_chunks,)](
+        *slot_args,
+        counts,
+        ranks,
+        out.sorted_ids if out.sorted_ids is not None else ids,
+        fill_len,
+        out.sentinel,
+        fill_per_program,
+        **slot_flags,
+        CHUNK=chunk,
+        KEYS_P2=keys_p2,
+        FILL_BLOCK=_FILL_BLOCK,
+        num_warps=4,
+    )
+    rows_tile = max(1, min(_next_pow2(n_chunks), _TABLE_TILE // keys_p2))
+    _chunk_place_kernel[(n_chunks + _cdiv(n_blocks, _BLOCKS_PER_PROGRAM),)](
+        *slot_args,
+        block,
+        counts,
+        ranks,
+        n_chunks,
+        out.counts if out.counts is not None else ids,
+        *output_args,
+        **slot_flags,
+        **output_flags,
+        HAS_COUNTS=out.counts is not None,
+        KEYS_P2=keys_p2,
+        CHUNK=chunk,
+        ROWS_TILE=rows_tile,
         BLOCK_TILE=_BLOCKS_PER_PROGRAM,
         num_warps=4,
     )
@@ -497,6 +566,139 @@ def _one_program_kernel(
         owner = tl.cumsum(tl.histogram(end_blocks, BLOCKS_P2), axis=0)
         blocks = tl.arange(0, BLOCKS_P2)
         owner = tl.where(blocks * block < total, owner, block_tail)
+        _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HAS_BLOCK_MAP, REPEAT, REPEAT_P2)
+
+
+@kernel
+def _chunk_rank_kernel(
+    ids_ptr,
+    valid_ptr,
+    numel,
+    max_tokens,
+    top_k,
+    key_map_ptr,
+    n_ids,
+    num_keys,
+    counts_ptr,
+    ranks_ptr,
+    fill_ptr,
+    fill_len,
+    fill_value,
+    fill_per_program,
+    HAS_VALID: tl.constexpr,
+    HAS_KEY_MAP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    KEYS_P2: tl.constexpr,
+    FILL_BLOCK: tl.constexpr,
+):
+    # The one program's histogram and sort, on one chunk: its count per key and each slot's rank among the
+    # chunk's slots of the same key.
+    pid = tl.program_id(0)
+    n_valid = _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID)
+    lane = tl.arange(0, CHUNK)
+    offs = pid * CHUNK + lane
+    keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+
+    fill_offs = tl.arange(0, FILL_BLOCK)
+    fill_start = pid * fill_per_program
+    fill_end = tl.minimum(fill_start + fill_per_program, fill_len)
+    for f in range(fill_start, fill_end, FILL_BLOCK):
+        tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
+
+    all_keys = tl.arange(0, KEYS_P2)
+    n_invalid = CHUNK - tl.sum(valid.to(tl.int32), axis=0)
+    counts = tl.histogram(tl.where(valid, keys, 0), KEYS_P2) - tl.where(all_keys == 0, n_invalid, 0)
+    tl.store(counts_ptr + pid * num_keys + all_keys, counts, mask=all_keys < num_keys)
+
+    code = tl.sort(tl.where(valid, keys, KEYS_P2) * CHUNK + lane)
+    s_key = code // CHUNK
+    s_lane = code % CHUNK
+    s_valid = s_key < num_keys
+    first = tl.cumsum(counts, axis=0) - counts
+    rank = lane - tl.gather(first, tl.where(s_valid, s_key, 0), 0)
+    tl.store(ranks_ptr + pid * CHUNK + s_lane, rank, mask=s_valid)
+
+
+@kernel
+def _chunk_place_kernel(
+    ids_ptr,
+    valid_ptr,
+    numel,
+    max_tokens,
+    top_k,
+    key_map_ptr,
+    n_ids,
+    num_keys,
+    block,
+    counts_ptr,
+    ranks_ptr,
+    n_chunks,
+    totals_ptr,
+    sorted_ptr,
+    inv_ptr,
+    ntpp_ptr,
+    offsets_ptr,
+    block_keys_ptr,
+    n_blocks,
+    block_tail,
+    block_map_ptr,
+    HAS_VALID: tl.constexpr,
+    HAS_KEY_MAP: tl.constexpr,
+    HAS_SORTED: tl.constexpr,
+    HAS_INV: tl.constexpr,
+    HAS_NTPP: tl.constexpr,
+    HAS_OFFSETS: tl.constexpr,
+    HAS_BLOCK_MAP: tl.constexpr,
+    REPEAT: tl.constexpr,
+    REPEAT_P2: tl.constexpr,
+    HAS_COUNTS: tl.constexpr,
+    KEYS_P2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    ROWS_TILE: tl.constexpr,
+    BLOCK_TILE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_valid = _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
+    rank = tl.load(ranks_ptr + offs, mask=valid, other=0)
+
+    # Every program scans the (small) count table: the totals per key, and the counts of earlier chunks.
+    all_keys = tl.arange(0, KEYS_P2)
+    key_ok = all_keys < num_keys
+    totals = tl.zeros((KEYS_P2,), tl.int32)
+    earlier = tl.zeros((KEYS_P2,), tl.int32)
+    rows = tl.arange(0, ROWS_TILE)
+    for r in range(0, n_chunks, ROWS_TILE):
+        row = r + rows
+        tile = tl.load(
+            counts_ptr + row[:, None] * num_keys + all_keys[None, :],
+            mask=(row[:, None] < n_chunks) & key_ok[None, :],
+            other=0,
+        )
+        totals += tl.sum(tile, axis=0)
+        earlier += tl.sum(tl.where(row[:, None] < pid, tile, 0), axis=0)
+    padded = (totals + block - 1) // block * block
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+
+    if pid == 0:
+        _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP, HAS_OFFSETS)
+        if HAS_COUNTS:
+            tl.store(totals_ptr + all_keys, totals, mask=key_ok)
+
+    if pid < n_chunks:
+        dest = tl.gather(starts + earlier, tl.where(valid, keys, 0), 0) + rank
+        if HAS_SORTED:
+            tl.store(sorted_ptr + dest, offs, mask=valid)
+        if HAS_INV:
+            tl.store(inv_ptr + offs, tl.where(valid, dest, -1), mask=offs < numel)
+    else:
+        blocks = (pid - n_chunks) * BLOCK_TILE + tl.arange(0, BLOCK_TILE)
+        first_row = blocks * block
+        owner = tl.sum(((ends[None, :] <= first_row[:, None]) & key_ok[None, :]).to(tl.int32), axis=1)
+        owner = tl.where(first_row < total, owner, block_tail)
         _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HAS_BLOCK_MAP, REPEAT, REPEAT_P2)
 
 

@@ -21,7 +21,9 @@ from typing import Any, NamedTuple
 import torch
 
 from ._dispatch import triton_interpreting, use_triton
-from ._jit import cast_for_store, kernel
+from ._jit import cast_for_store, fp8_group_quant, kernel
+from ..config import FP8_DTYPE
+from .quant import DEFAULT_EPS, per_token_group_quant_fp8_torch
 from .align import (
     SlotSortOutputs,
     _check_expert_map,
@@ -39,6 +41,8 @@ except ImportError:  # torch-only installs: the kernels below are never launched
     tl = None
 
 _COPY_BYTES_PER_PROGRAM = 4096
+# Source bytes per program of the quantizing scatter.
+_QUANT_SCATTER_BYTES = 4096
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -159,6 +163,54 @@ def _scatter_rows(
         out_scales[dest[placed]] = scales[src_rows].to(out_scales.dtype)
 
 
+def _scatter_quant_rows(
+    hidden: torch.Tensor,
+    inv: torch.Tensor,
+    top_k: int,
+    group_size: int,
+    use_ue8m0: bool,
+    out: torch.Tensor,
+    out_scales: torch.Tensor,
+) -> None:
+    """``_scatter_rows`` of ``per_token_group_quant_fp8(hidden)``, quantizing each row once, in the same
+    pass: tokens with no local slot are neither read nor quantized."""
+    n_token, k = hidden.shape
+    if n_token == 0 or top_k == 0:
+        return
+    groups = k // group_size
+    if use_triton(hidden) and group_size == _next_pow2(group_size):
+        block_cols = _gather_block(k, max(group_size, _QUANT_SCATTER_BYTES // hidden.element_size()))
+        groups_per_program = max(1, block_cols // group_size)
+        _scatter_quant_rows_kernel[(n_token, _cdiv(groups, groups_per_program))](
+            hidden,
+            hidden.stride(0),
+            inv,
+            out,
+            out.stride(0),
+            out.shape[0],
+            out_scales,
+            out_scales.stride(0),
+            out_scales.stride(1),
+            groups,
+            DEFAULT_EPS,
+            TOP_K=top_k,
+            TOP_K_P2=_next_pow2(top_k),
+            GROUP=group_size,
+            GROUPS_PER_PROGRAM=groups_per_program,
+            USE_UE8M0=use_ue8m0,
+            SOFT_ROUND=triton_interpreting(),
+            num_warps=4,
+        )
+        return
+    dest = inv.reshape(n_token, top_k)
+    needed = ((dest >= 0) & (dest < out.shape[0])).any(dim=1)
+    q = torch.empty((n_token, k), dtype=out.dtype, device=hidden.device)
+    scales = torch.empty((n_token, groups), dtype=torch.float32, device=hidden.device)
+    if bool(needed.any()):
+        q[needed], scales[needed] = per_token_group_quant_fp8_torch(hidden[needed], group_size, use_ue8m0=use_ue8m0)
+    _scatter_rows(q, scales, inv, top_k, out, out_scales)
+
+
 def _gather_rows(
     permuted: torch.Tensor,
     weights: torch.Tensor | None,
@@ -273,6 +325,46 @@ def _scatter_rows_kernel(
             s = tl.load(scale_ptr + token.to(tl.int64) * scale_stride0 + g * scale_stride1, mask=g_ok)
             s_ptrs = scale_out_ptr + dest64[:, None] * scale_out_stride0 + g[None, :] * scale_out_stride1
             tl.store(s_ptrs, tl.broadcast_to(s[None, :], (TOP_K_P2, BLOCK_G)), mask=placed[:, None] & g_ok[None, :])
+
+
+@kernel
+def _scatter_quant_rows_kernel(
+    src_ptr,
+    src_stride,
+    inv_ptr,
+    dst_ptr,
+    dst_stride,
+    dst_rows,
+    scale_out_ptr,
+    scale_out_stride0,
+    scale_out_stride1,
+    groups,
+    eps,
+    TOP_K: tl.constexpr,
+    TOP_K_P2: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_PER_PROGRAM: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
+):
+    token = tl.program_id(0)
+    j = tl.arange(0, TOP_K_P2)
+    dest = tl.load(inv_ptr + token * TOP_K + j, mask=j < TOP_K, other=-1)
+    n_placed = tl.sum(((dest >= 0) & (dest < dst_rows)).to(tl.int32), axis=0)
+    # A token none of whose slots is placed here (EP: its experts live on other ranks) is not read at all.
+    if n_placed > 0:
+        g = tl.program_id(1) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+        g_ok = g < groups
+        cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        x = tl.load(src_ptr + token.to(tl.int64) * src_stride + cols, mask=g_ok[:, None], other=0.0)
+        q, scale = fp8_group_quant(x.to(tl.float32), eps, USE_UE8M0)
+        q = cast_for_store(q, dst_ptr.dtype.element_ty, SOFT_ROUND)
+        for jj in tl.static_range(TOP_K):
+            d = tl.load(inv_ptr + token * TOP_K + jj)
+            if (d >= 0) & (d < dst_rows):
+                d64 = d.to(tl.int64)
+                tl.store(dst_ptr + d64 * dst_stride + cols, q, mask=g_ok[:, None])
+                tl.store(scale_out_ptr + d64 * scale_out_stride0 + g * scale_out_stride1, scale, mask=g_ok)
 
 
 @kernel
@@ -519,6 +611,8 @@ def ep_scatter(
     fill_invalid_expert: int = 0,
     out: torch.Tensor | None = None,
     out_scales: torch.Tensor | None = None,
+    quant_group_size: int | None = None,
+    use_ue8m0: bool = False,
 ) -> EpScatterResult:
     """Scatter tokens (and their per-token-group scales) into DeepGEMM's m-grouped contiguous layout.
 
@@ -526,6 +620,11 @@ def ep_scatter(
     (exact host-side counts) must still cover the aligned total. Rows past ``m_sum`` are never written.
     ``fill_invalid_expert`` (default 0, as DeepGEMM versions without -1 support need) labels the rows past
     the last expert's padded run in ``m_indices``.
+
+    With ``quant_group_size``, ``hidden_states`` (bf16 / fp16 / fp32, no ``hidden_scales``) is quantized on
+    the way: the rows land as FP8 with per-token-group scales exactly as ``per_token_group_quant_fp8(...,
+    use_ue8m0=use_ue8m0)`` followed by the plain scatter would give, in one pass that reads each token
+    with a local slot once and skips the others.
     """
     hidden_states = _check_hidden(hidden_states, "hidden_states")
     topk_ids = _check_topk_ids(topk_ids)
@@ -539,11 +638,23 @@ def ep_scatter(
         if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1:
             raise ValueError(f"expert_map must be a 1-D tensor [num_global_experts] or None, got {getattr(expert_map, 'shape', expert_map)!r}")
         expert_map = _check_expert_map(expert_map, expert_map.shape[0], hidden_states.device)
+    out_dtype = hidden_states.dtype
     scales = None
-    if hidden_scales is not None:
+    if quant_group_size is not None:
+        quant_group_size = _check_positive_int(quant_group_size, "quant_group_size")
+        if hidden_states.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"hidden_states must be bf16, fp16 or fp32 to quantize (quant_group_size), got {hidden_states.dtype}")
+        if hidden_scales is not None:
+            raise ValueError("hidden_scales must be None with quant_group_size: the scatter computes the scales")
+        if k_hidden % quant_group_size:
+            raise ValueError(f"hidden_states' hidden size {k_hidden} must be a multiple of quant_group_size={quant_group_size}")
+        out_dtype = FP8_DTYPE
+        scale_groups = k_hidden // quant_group_size
+    elif hidden_scales is not None:
         scales = _check_token_scales(hidden_scales, n_token, hidden_states, "hidden_scales")
         if scales is None:
             raise ValueError(f"hidden_scales must be per token [{n_token}, groups], got shape {tuple(hidden_scales.shape)}")
+        scale_groups = scales.shape[1]
     top_k = topk_ids.shape[1]
     if m_sum is None:
         m_sum = compute_aligned_M(n_token, top_k, num_local_experts, alignment)
@@ -552,14 +663,14 @@ def ep_scatter(
 
     device = hidden_states.device
     if out is None:
-        out = torch.empty((m_sum, k_hidden), dtype=hidden_states.dtype, device=device)
-    elif tuple(out.shape) != (m_sum, k_hidden) or out.dtype != hidden_states.dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be a contiguous-row {hidden_states.dtype} tensor of shape {(m_sum, k_hidden)}, got {out.dtype} {tuple(out.shape)}")
-    if scales is not None:
+        out = torch.empty((m_sum, k_hidden), dtype=out_dtype, device=device)
+    elif tuple(out.shape) != (m_sum, k_hidden) or out.dtype != out_dtype or out.stride(1) != 1:
+        raise ValueError(f"out must be a contiguous-row {out_dtype} tensor of shape {(m_sum, k_hidden)}, got {out.dtype} {tuple(out.shape)}")
+    if scales is not None or quant_group_size is not None:
         if out_scales is None:
-            out_scales = torch.empty((m_sum, scales.shape[1]), dtype=torch.float32, device=device)
-        elif tuple(out_scales.shape) != (m_sum, scales.shape[1]):
-            raise ValueError(f"out_scales must have shape {(m_sum, scales.shape[1])}, got {tuple(out_scales.shape)}")
+            out_scales = torch.empty((m_sum, scale_groups), dtype=torch.float32, device=device)
+        elif tuple(out_scales.shape) != (m_sum, scale_groups) or out_scales.dtype != torch.float32:
+            raise ValueError(f"out_scales must be float32 of shape {(m_sum, scale_groups)}, got {out_scales.dtype} {tuple(out_scales.shape)}")
     else:
         out_scales = None
 
@@ -570,7 +681,10 @@ def ep_scatter(
         inv=inv, counts=counts, block_keys=m_indices, block_tail=fill_invalid_expert, block_repeat=alignment
     )
     _sort_local(topk_ids, num_local_experts, expert_map, alignment, sort_out)
-    _scatter_rows(hidden_states, scales, inv, top_k, out, out_scales)
+    if quant_group_size is not None:
+        _scatter_quant_rows(hidden_states, inv, top_k, quant_group_size, use_ue8m0, out, out_scales)
+    else:
+        _scatter_rows(hidden_states, scales, inv, top_k, out, out_scales)
     return EpScatterResult(out, out_scales, m_indices, inv.view(n_token, top_k), counts)
 
 

@@ -39,6 +39,7 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
     name = "local"
     activation_format = ActivationFormat.STANDARD
     experts_rows_are_caller_tokens = True
+    can_leave_quant_to_experts = True
 
     @classmethod
     def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
@@ -54,6 +55,8 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
         self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map, apply_router_weight_on_input, a1_scale
     ) -> PreparedTokens:
         a1 = apply_weight_on_input(hidden_states, topk_weights, apply_router_weight_on_input)
+        if self.leave_quant_to_experts and a1_scale is None:
+            return PreparedTokens(hidden_states=a1, scale=None, topk_ids=topk_ids, topk_weights=topk_weights)
         a1q, scale = quantize_activation(a1, self.quant, a1_scale)
         return PreparedTokens(hidden_states=a1q, scale=scale, topk_ids=topk_ids, topk_weights=topk_weights)
 

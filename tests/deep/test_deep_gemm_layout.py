@@ -370,3 +370,52 @@ def test_bench_summary_crossover_and_targets():
     assert target["whole_within_1_15x_of_reference"] is True and target["whole_within_1_15x_of_measured_gemm_only"] is True
     masked = next(t for t in out["targets"] if t["M"] == 64)
     assert masked["within_reference"] is False
+
+
+@pytest.mark.parametrize("ue8m0,expert_map", [(False, False), (True, True)])
+def test_input_quantized_in_the_scatter_gives_the_prepare_quantized_bits(ue8m0, expert_map):
+    """Behind a local prepare the experts get bf16 tokens and quantize them inside ep_scatter; the result
+    must be the bits of the path where prepare quantizes (the communicating backends' path)."""
+    e_global, k, hidden, inter, m = 8, 3, 256, 128, 21
+    parallel = ParallelConfig(2, 1) if expert_map else ParallelConfig()
+    quant = QuantConfig.fp8_block(scale_format="ue8m0" if ue8m0 else "fp32")
+    cfg = MoEConfig(e_global, k, hidden, inter, quant=quant, parallel=parallel)
+    weights = fp8_weights(e_global // 2 if expert_map else e_global, inter, hidden, seed=8)
+    x = torch.randn(m, hidden, generator=torch.Generator().manual_seed(8)).bfloat16()
+    w, ids = routing(m, e_global, k, 8)
+    kw = dict(global_num_experts=e_global, expert_map=build_expert_map(e_global, parallel, "cpu") if expert_map else None)
+
+    deferred_pf = LocalPrepareAndFinalize(quant)
+    deferred = ModularKernel(deferred_pf, EmulatedDeepGemmExperts(cfg))
+    assert deferred_pf.leave_quant_to_experts
+    prepared = deferred_pf.prepare(x, w, ids, num_experts=e_global, expert_map=None,
+                                   apply_router_weight_on_input=False, a1_scale=None)
+    assert prepared.hidden_states.dtype == torch.bfloat16 and prepared.scale is None
+
+    quantizing_pf = LocalPrepareAndFinalize(quant)
+    prequantized_experts = EmulatedDeepGemmExperts(cfg)
+    prequantized_experts.quantizes_own_input = False
+    prequantized = ModularKernel(quantizing_pf, prequantized_experts)
+    assert not quantizing_pf.leave_quant_to_experts
+
+    got = deferred(x, weights, w, ids, **kw)
+    assert torch.equal(got, prequantized(x, weights, w, ids, **kw))
+    ref = ModularKernel(LocalPrepareAndFinalize(quant), TorchExperts(cfg))(x, weights, w, ids, **kw)
+    assert rel_err(got, ref) < 0.01
+
+
+def test_only_deep_gemm_behind_a_local_prepare_leaves_the_quant_to_the_experts():
+    from moe_plugin.experts.triton import TritonExperts
+    from moe_plugin.prepare_finalize.local import BatchedLocalPrepareAndFinalize
+
+    quant = QuantConfig.fp8_block()
+    cfg = MoEConfig(8, 2, 256, 128, quant=quant)
+    pf = LocalPrepareAndFinalize(quant)
+    ModularKernel(pf, EmulatedDeepGemmExperts(cfg))
+    assert pf.leave_quant_to_experts
+    ModularKernel(pf, TritonExperts(cfg))  # re-paired: prepare quantizes again
+    assert not pf.leave_quant_to_experts
+    assert not BatchedLocalPrepareAndFinalize.can_leave_quant_to_experts
+    unquantized = LocalPrepareAndFinalize(QuantConfig())
+    ModularKernel(unquantized, TorchExperts(MoEConfig(8, 2, 256, 128)))
+    assert not unquantized.leave_quant_to_experts

@@ -1,8 +1,8 @@
 """moe_align_block_size and its graph-safe form against a plain-loop reference, on both CPU backends.
 
-The Triton engine has two paths (one program up to 512 slots, else rank, scan and place launches); under
-the interpreter the ``path`` fixture runs a test through each of them and checks that every call made the
-launches of its path.
+The Triton engine has three paths (one program up to 512 slots; chunk sort then place while the count
+table is small; else rank, scan and place launches); under the interpreter the ``path`` fixture runs a
+test through each of them and checks that every call made the launches of its path.
 """
 
 from __future__ import annotations
@@ -22,27 +22,36 @@ from moe_plugin.ops.align import (
     sort_slots_triton,
 )
 
-LAUNCHES = {"one_launch": 1, "three_launches": 3}
+LAUNCHES = {"one_launch": 1, "two_launches": 2, "three_launches": 3}
 
 
 def force_three_launches(monkeypatch, max_chunks=None):
     """Send every problem to the three-launch path; a small ``max_chunks`` gives each rank program several
     32-slot sub-blocks (large inputs do that by themselves)."""
     monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", -1)
+    monkeypatch.setattr(align_mod, "_TWO_LAUNCH_MAX_TABLE", -1)
     if max_chunks is not None:
         monkeypatch.setattr(align_mod, "_MAX_CHUNKS", max_chunks)
+
+
+def force_two_launches(monkeypatch, chunk=32):
+    """Send every problem to the two-launch path, in chunks small enough that tests' inputs span several."""
+    monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", -1)
+    monkeypatch.setattr(align_mod, "_TWO_LAUNCH_CHUNK", chunk)
 
 
 @pytest.fixture(params=list(LAUNCHES))
 def path(request, backend, monkeypatch):
     """Which Triton path runs (the torch backend has one path: its second parametrization is skipped)."""
     if not backend.interpreted:
-        if request.param == "three_launches":
+        if request.param != "one_launch":
             pytest.skip("the torch fallback has a single path")
         yield request.param
         return
     if request.param == "three_launches":
         force_three_launches(monkeypatch)
+    elif request.param == "two_launches":
+        force_two_launches(monkeypatch)
     calls = []
     engine = align_mod.sort_slots_triton
 
@@ -178,18 +187,19 @@ def test_graph_safe_equals_the_sliced_call(backend, path, valid):
 
 
 @pytest.mark.parametrize(
-    "m,k,e,launches", [(64, 8, 128, 1), (64, 8, 256, 3), (1, 8, 256, 1), (171, 3, 128, 3), (3, 2, 1025, 3), (3, 2, 1024, 1)]
+    "m,k,e,launches",
+    [(64, 8, 128, 1), (64, 8, 256, 2), (1, 8, 256, 1), (171, 3, 128, 2), (3, 2, 1025, 3), (3, 2, 1024, 1)],
 )
 def test_path_boundaries(interpreter, m, k, e, launches):
     # The default limits: 512 slots, 1024 experts and 512 x 128 slots x experts go to one program, one more
-    # of any to three launches.
+    # of any to two launches (three past 1024 experts, whose histogram one program does not hold).
     assert (align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._ONE_PROGRAM_MAX_KEYS) == (512, 1024)
     ids = random_ids(m, k, e, seed=m + e, invalid=True)
     check(moe_align_block_size(ids, 64, e), naive_align(ids, 64, e))
     assert interpreter.launches == launches
 
 
-@pytest.mark.parametrize("n_blocks,launches", [(4095, 1), (4096, 3)])
+@pytest.mark.parametrize("n_blocks,launches", [(4095, 1), (4096, 2)])
 def test_block_limit(interpreter, n_blocks, launches):
     # align's own buffers never reach 4096 blocks within the other limits, but an engine caller may pass a
     # longer block_keys buffer: its tail must still read block_tail (a one-program histogram holds 4095).
@@ -205,13 +215,15 @@ def test_block_limit(interpreter, n_blocks, launches):
     assert got.block_keys[-1] == 3 and got.block_keys[0] == ids.min()
 
 
-@pytest.mark.parametrize("engine_path", ["one_launch", "three_launches", "sub_blocks"])
+@pytest.mark.parametrize("engine_path", ["one_launch", "two_launches", "three_launches", "sub_blocks"])
 @pytest.mark.parametrize("valid", [None, 9])
 def test_engine_outputs_match_torch(interpreter, monkeypatch, engine_path, valid):
     # Every optional output of the shared engine (ops.permute uses inv, offsets, counts, repeated block keys)
     # on both paths, against the torch engine on the local keys.
     if engine_path == "three_launches":
         force_three_launches(monkeypatch)
+    elif engine_path == "two_launches":
+        force_two_launches(monkeypatch, chunk=16)
     elif engine_path == "sub_blocks":
         force_three_launches(monkeypatch, max_chunks=1)
     m, k, e_global, n_local, block, repeat = 13, 4, 12, 5, 8, 3
@@ -245,7 +257,7 @@ def test_engine_outputs_match_torch(interpreter, monkeypatch, engine_path, valid
     sort_slots_torch(keys, n_local, block, ref)
     valid_tokens = None if valid is None else torch.tensor([valid], dtype=torch.int32)
     sort_slots_triton(ids.reshape(-1), k, n_local, block, got, key_map=key_map, valid_tokens=valid_tokens)
-    assert interpreter.launches == (1 if engine_path == "one_launch" else 3)
+    assert interpreter.launches == {"one_launch": 1, "two_launches": 2}.get(engine_path, 3)
     for field in ("sorted_ids", "inv", "block_keys", "num_tokens_post_padded", "offsets", "counts"):
         assert torch.equal(getattr(got, field), getattr(ref, field)), field
     if valid is not None:  # the torch engine saw only the valid slots: the others must read -1

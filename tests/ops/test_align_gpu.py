@@ -5,8 +5,9 @@ Compile time dominates these tests: every distinct set of constexprs (the one pr
 block counts rounded to powers of two; the three launches' chunk and scan tiles) and every change in
 Triton's specialisation of the integer arguments (== 1, multiple of 16) compiles the kernels anew, and a
 one-program sort of thousands of slots takes seconds to compile. Hence few shapes, each picked for a
-path or a regime: one program at 8 and 512 slots, three launches just past the limit, at 32k slots
-(chunks of one sub-block), at 512k slots (chunks of 16 sub-blocks), and forced on tiny inputs.
+path or a regime: one program at 8 and 512 slots, two launches just past the limit and at 32k slots with
+128 experts, three launches at 32k slots with 256 experts (chunks of one sub-block), at 512k slots
+(chunks of 16 sub-blocks), and forced on tiny inputs.
 """
 
 from __future__ import annotations
@@ -45,28 +46,30 @@ def assert_same(got, ref):
     [
         (1, 128, False),  # one program, 8 slots
         (64, 128, False),  # one program, 512 slots: the limit
-        (65, 128, False),  # three launches, 520 slots
+        (65, 128, False),  # two launches, 520 slots in 3 chunks
+        (4096, 128, False),  # two launches, 128 chunks of 256 slots
         (4096, 256, False),  # three launches, 1024 chunks of 32 slots
         (65536, 256, False),  # three launches, 1024 chunks of 512 slots (16 sub-blocks each)
         (1, 128, True),  # three launches on the smallest input (one chunk of 16 slots)
         (64, 256, True),
     ],
 )
-def test_both_paths_match_cpu_twice(monkeypatch, m, e, force_three):
+def test_all_paths_match_cpu_twice(monkeypatch, m, e, force_three):
     # Twice: the second call gets the first call's freed (non-zero) count table and ranks from the caching
     # allocator, so a row the rank launch failed to clear would show.
     if force_three:
         monkeypatch.setattr(align_mod, "_ONE_PROGRAM_MAX_SLOTS", -1)
+        monkeypatch.setattr(align_mod, "_TWO_LAUNCH_MAX_TABLE", -1)
     ids = routing(m, 8, e, seed=m + e)
     ref = moe_align_block_size(ids, 64, e)
     for _ in range(2):
         assert_same(moe_align_block_size(ids.cuda(), 64, e), ref)
 
 
-@pytest.mark.parametrize("max_tokens", [64, 4096])
-def test_graph_replays_both_paths(max_tokens):
-    # 64 tokens: one program; 4096: three launches.
-    e, bs, k = 256, 64, 8
+@pytest.mark.parametrize("max_tokens,e", [(64, 256), (4096, 128), (4096, 256)])
+def test_graph_replays_every_path(max_tokens, e):
+    # 64 tokens: one program; 4096: two launches with 128 experts, three with 256.
+    bs, k = 64, 8
     ids = routing(max_tokens, k, e, seed=9).cuda()
     valid = torch.tensor([max_tokens], dtype=torch.int32, device="cuda")
     moe_align_block_size_graph_safe(ids, bs, e, valid)

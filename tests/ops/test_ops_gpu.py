@@ -128,6 +128,23 @@ def test_ep_scatter_gather_match_cpu():
     )
 
 
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_ep_scatter_quantizing_bit_exact_on_gpu(use_ue8m0):
+    # DeepSeek-V3's hidden size (56 groups, not a power of two) with one EP8 rank's experts.
+    m, k, e, hidden = 3000, 8, 256, 7168
+    ids = routing(m, k, e, seed=4, skew=True)
+    em = ep_map(e, 2, 8)
+    x = (torch.randn(m, hidden, generator=torch.Generator().manual_seed(4)) * 4).to(torch.bfloat16)
+    kw = dict(alignment=128, fill_invalid_expert=-1, quant_group_size=128, use_ue8m0=use_ue8m0)
+    ref = ep_scatter(x, None, ids, e // 8, em, **kw)
+    got = ep_scatter(x.cuda(), None, ids.cuda(), e // 8, em.cuda(), **kw)
+    assert torch.equal(ref.inv_perm, got.inv_perm.cpu()) and torch.equal(ref.m_indices, got.m_indices.cpu())
+    rows = ref.inv_perm[ref.inv_perm >= 0].long()
+    assert rows.numel() > 1000
+    assert torch.equal(got.hidden_states.cpu()[rows].view(torch.uint8), ref.hidden_states[rows].view(torch.uint8))
+    assert torch.equal(got.scales.cpu()[rows], ref.scales[rows])
+
+
 def test_moe_sum_matches_cpu():
     x = torch.randn(3000, 8, 2048).to(torch.bfloat16)
     torch.testing.assert_close(moe_sum(x.cuda()).cpu().float(), moe_sum(x).float(), rtol=2**-7, atol=1e-2)

@@ -234,6 +234,67 @@ def test_ep_scatter_exact_rows_and_strided_scale_buffer(backend):
         assert torch.equal(col_major[r], scales[slot // 2])
 
 
+def naive_group_quant(row, group, ue8m0):
+    """(fp8 values as fp32, scales) of one row, group by group, written out."""
+    q, scales = [], []
+    for start in range(0, row.numel(), group):
+        g = row[start : start + group].float()
+        scale = max(float(g.abs().max()), 1e-10) / 448.0
+        if ue8m0:
+            scale = 2.0 ** math.ceil(math.log2(scale))
+        scales.append(scale)
+        q.append((g / scale).clamp(-448, 448).to(FP8).float())
+    return torch.cat(q), torch.tensor(scales)
+
+
+@pytest.mark.parametrize(
+    "m,k,e,map_kind,group,ue8m0,dtype",
+    [
+        (0, 2, 4, None, 64, False, torch.bfloat16),
+        (11, 4, 6, None, 64, False, torch.bfloat16),
+        (9, 2, 8, "ep", 128, True, torch.float16),
+        (5, 3, 4, "all_remote", 64, False, torch.float32),
+        (16, 8, 3, "ep", 32, False, torch.bfloat16),
+    ],
+)
+def test_ep_scatter_quantizing_matches_quantize_then_scatter(backend, m, k, e, map_kind, group, ue8m0, dtype):
+    hidden = 256
+    x, ids, _, _ = make_inputs(m, k, e, hidden, dtype, seed=5 * m + e)
+    expert_map, n_local = expert_map_for(map_kind, e)
+    n_local = e if n_local == -1 else n_local
+    m_sum = compute_aligned_M(m, k, n_local, 16)
+    # Column-major scales with a padded stride, as DeepGEMM reads them; the buffers start as garbage.
+    col_major = torch.empty_strided((m_sum, hidden // group), (1, m_sum + 4), dtype=torch.float32).fill_(-3.0)
+    out = torch.full((m_sum, hidden), 7.0).to(FP8)
+    res = ep_scatter(x, None, ids, n_local, expert_map, alignment=16, out=out, out_scales=col_major,
+                     quant_group_size=group, use_ue8m0=ue8m0)
+    assert res.hidden_states is out and res.scales is col_major
+    _, exp_inv, exp_m = naive_layout(ids, n_local, expert_map, 16, m_sum, 0)
+    assert res.m_indices.tolist() == exp_m and res.inv_perm.reshape(-1).tolist() == exp_inv
+    written = set()
+    for slot, r in enumerate(exp_inv):
+        if r >= 0:
+            q_ref, s_ref = naive_group_quant(x[slot // k], group, ue8m0)
+            assert torch.equal(out[r].float(), q_ref), (slot, r)
+            assert torch.equal(col_major[r], s_ref)
+            written.add(r)
+    for r in set(range(m_sum)) - written:  # padding rows are not written
+        assert bool((out[r].float() == 7.0).all()) and bool((col_major[r] == -3.0).all())
+
+
+def test_ep_scatter_quantizing_refuses_bad_input():
+    ids = torch.zeros(4, 2, dtype=torch.int32)
+    with pytest.raises(TypeError, match="bf16, fp16 or fp32 to quantize"):
+        ep_scatter(torch.zeros(4, 128, dtype=FP8), None, ids, 2, quant_group_size=128)
+    with pytest.raises(ValueError, match="hidden_scales must be None"):
+        ep_scatter(torch.zeros(4, 128, dtype=torch.bfloat16), torch.ones(4, 1), ids, 2, quant_group_size=128)
+    with pytest.raises(ValueError, match="multiple of quant_group_size=128"):
+        ep_scatter(torch.zeros(4, 192, dtype=torch.bfloat16), None, ids, 2, quant_group_size=128)
+    with pytest.raises(ValueError, match="out must be a contiguous-row torch.float8_e4m3fn"):
+        ep_scatter(torch.zeros(4, 128, dtype=torch.bfloat16), None, ids, 2, alignment=16,
+                   out=torch.empty(compute_aligned_M(4, 2, 2, 16), 128, dtype=torch.bfloat16), quant_group_size=128)
+
+
 def test_ep_gather_matches_reference(backend):
     m, k, e = 12, 4, 6
     x, ids, _, weights = make_inputs(m, k, e, 32, torch.bfloat16, seed=4)
