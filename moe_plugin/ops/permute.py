@@ -40,7 +40,10 @@ try:
 except ImportError:  # torch-only installs: the kernels below are never launched
     tl = None
 
-_COPY_BYTES_PER_PROGRAM = 4096
+# Bytes each program of the row copies moves per row (scatter: read once, written per slot; gather: read
+# per slot); tuned on an H100 (docs/benchmarks.md).
+_SCATTER_BYTES_PER_PROGRAM = 4096
+_GATHER_BYTES_PER_PROGRAM = 4096
 # Source bytes per program of the quantizing scatter.
 _QUANT_SCATTER_BYTES = 4096
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -48,6 +51,11 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # ----------------------------------------------------------------------------------------------------
 # helpers
+
+
+def _warps(bytes_per_row: int) -> int:
+    """Warps for a row-copy program: 4 up to 4 KB per row, 8 from 8 KB."""
+    return max(4, min(8, bytes_per_row // 1024))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -130,7 +138,7 @@ def _scatter_rows(
         return
     if use_triton(hidden):
         src, dst = _as_int(hidden), _as_int(out)
-        block_k = min(_next_pow2(hidden.shape[1]), max(16, _COPY_BYTES_PER_PROGRAM // hidden.element_size()))
+        block_k = min(_next_pow2(hidden.shape[1]), max(16, _SCATTER_BYTES_PER_PROGRAM // hidden.element_size()))
         grid = (n_token, _cdiv(hidden.shape[1], block_k))
         _scatter_rows_kernel[grid](
             src,
@@ -152,7 +160,7 @@ def _scatter_rows(
             BLOCK_K=block_k,
             HAS_SCALES=scales is not None,
             BLOCK_G=_next_pow2(scales.shape[1]) if scales is not None else 1,
-            num_warps=4,
+            num_warps=_warps(block_k * hidden.element_size()),
         )
         return
     dest = inv.reshape(-1).long()
@@ -199,7 +207,7 @@ def _scatter_quant_rows(
             GROUPS_PER_PROGRAM=groups_per_program,
             USE_UE8M0=use_ue8m0,
             SOFT_ROUND=triton_interpreting(),
-            num_warps=4,
+            num_warps=_warps(block_cols * hidden.element_size()),
         )
         return
     dest = inv.reshape(n_token, top_k)
@@ -229,7 +237,7 @@ def _gather_rows(
     if n_token == 0:
         return
     if use_triton(permuted):
-        block_k = _gather_block(out.shape[1], max(16, _COPY_BYTES_PER_PROGRAM // max(permuted.element_size(), 2)))
+        block_k = _gather_block(out.shape[1], max(16, _GATHER_BYTES_PER_PROGRAM // max(permuted.element_size(), 2)))
         grid = (n_token, _cdiv(out.shape[1], block_k))
         _gather_rows_kernel[grid](
             permuted,
@@ -248,7 +256,7 @@ def _gather_rows(
             HAS_LIMIT=limit is not None,
             HAS_WEIGHTS=weights is not None,
             SOFT_ROUND=triton_interpreting(),
-            num_warps=4,
+            num_warps=_warps(block_k * permuted.element_size()),
         )
         return
     dest = inv.reshape(n_token, top_k).long()
