@@ -60,7 +60,7 @@ def parse_args(argv=None):
         default=None,
         help="time align with each of these one-program limits (slots; -1: never one program) instead of the default",
     )
-    p.add_argument("--two-launch-chunk", type=int, nargs="+", default=None, help="two-launch chunk sizes to time (slots, power of two)")
+    p.add_argument("--two-launch-chunk", type=int, nargs="+", default=None, help="two-launch chunk sizes to time (slots, power of two; default: by size)")
     p.add_argument(
         "--two-launch-max-table",
         type=int,
@@ -153,7 +153,8 @@ def main(argv=None):
                 n_blocks = align_mod.align_buffer_sizes(m * top_k, args.block_size, e)[1]
                 launches = align_mod.align_launches(m * top_k, e, n_blocks)
                 # Variants that land on the same kernels at this size are timed once.
-                key = (launches, chunk if launches == 2 else None)
+                effective_chunk = align_mod._two_launch_chunk(m * top_k) if launches == 2 else None
+                key = (launches, effective_chunk)
                 if key in measured:
                     continue
                 measured.add(key)
@@ -167,7 +168,7 @@ def main(argv=None):
                         "E": e,
                         "block_size": args.block_size,
                         "one_program_max": limit,
-                        "two_launch_chunk": chunk,
+                        "two_launch_chunk": effective_chunk,
                         "two_launch_max_table": table,
                         "default_limits": (limit, chunk, table) == defaults,
                         "launches": launches,
@@ -177,7 +178,7 @@ def main(argv=None):
                 )
                 print(
                     f"E={e:4d} M={m:6d}  align {align_us:7.1f} us (graph-safe {safe_us:7.1f})  {launches} launch(es), "
-                    f"one-program limit {limit}, two-launch chunk {chunk} table limit {table}",
+                    f"one-program limit {limit}, two-launch chunk {effective_chunk} table limit {table}",
                     flush=True,
                 )
             align_mod._ONE_PROGRAM_MAX_SLOTS, align_mod._TWO_LAUNCH_CHUNK, align_mod._TWO_LAUNCH_MAX_TABLE = defaults

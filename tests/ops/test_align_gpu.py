@@ -5,9 +5,9 @@ Compile time dominates these tests: every distinct set of constexprs (the one pr
 block counts rounded to powers of two; the three launches' chunk and scan tiles) and every change in
 Triton's specialisation of the integer arguments (== 1, multiple of 16) compiles the kernels anew, and a
 one-program sort of thousands of slots takes seconds to compile. Hence few shapes, each picked for a
-path or a regime: one program at 8 and 512 slots, two launches just past the limit and at 32k slots with
-128 experts, three launches at 32k slots with 256 experts (chunks of one sub-block), at 512k slots
-(chunks of 16 sub-blocks), and forced on tiny inputs.
+path or a regime: one program at 8 and 512 slots, two launches just past the limit and at 32k slots, three
+launches at 128k slots (chunks of 4 sub-blocks), at 512k slots (chunks of 16 sub-blocks), and forced on
+tiny inputs.
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ def assert_same(got, ref):
     [
         (1, 128, False),  # one program, 8 slots
         (64, 128, False),  # one program, 512 slots: the limit
-        (65, 128, False),  # two launches, 520 slots in 3 chunks
-        (4096, 128, False),  # two launches, 128 chunks of 256 slots
-        (4096, 256, False),  # three launches, 1024 chunks of 32 slots
+        (65, 128, False),  # two launches, 520 slots in 5 chunks of 128
+        (4096, 128, False),  # two launches, 64 chunks of 512 slots
+        (4096, 256, False),  # two launches, the largest count table (64 x 256)
+        (16384, 128, False),  # three launches, 1024 chunks of 128 slots
         (65536, 256, False),  # three launches, 1024 chunks of 512 slots (16 sub-blocks each)
         (1, 128, True),  # three launches on the smallest input (one chunk of 16 slots)
         (64, 256, True),
@@ -66,9 +67,9 @@ def test_all_paths_match_cpu_twice(monkeypatch, m, e, force_three):
         assert_same(moe_align_block_size(ids.cuda(), 64, e), ref)
 
 
-@pytest.mark.parametrize("max_tokens,e", [(64, 256), (4096, 128), (4096, 256)])
+@pytest.mark.parametrize("max_tokens,e", [(64, 256), (4096, 256), (16384, 256)])
 def test_graph_replays_every_path(max_tokens, e):
-    # 64 tokens: one program; 4096: two launches with 128 experts, three with 256.
+    # 64 tokens: one program; 4096: two launches; 16384: three.
     bs, k = 64, 8
     ids = routing(max_tokens, k, e, seed=9).cuda()
     valid = torch.tensor([max_tokens], dtype=torch.int32, device="cuda")
