@@ -535,10 +535,6 @@ class DeepGemmExperts(DeepGemmExpertsBase):
                 activation,
                 DEEPGEMM_BLOCK,
                 m_indices=scattered.m_indices,
-                # padding rows of each expert's run are skipped too: GEMM2 rows are independent, and the
-                # gather never reads their outputs
-                expert_num_tokens=scattered.expert_num_tokens,
-                alignment=alignment,
                 use_ue8m0=use_ue8m0,
                 out=a2q,
                 out_scales=a2_scale,

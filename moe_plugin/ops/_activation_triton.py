@@ -249,8 +249,6 @@ def gated_act_fp8_quant_triton(
     x: torch.Tensor,
     kind: str,
     m_indices: torch.Tensor | None,
-    expert_num_tokens: torch.Tensor | None,
-    alignment: int,
     q: torch.Tensor,
     scales: torch.Tensor,
     group_size: int,
@@ -275,9 +273,6 @@ def gated_act_fp8_quant_triton(
         x,
         x.stride(0),
         m_indices if m_indices is not None else x,
-        expert_num_tokens if expert_num_tokens is not None else x,
-        expert_num_tokens.numel() if expert_num_tokens is not None else 0,
-        alignment,
         q,
         q.stride(0),
         scales,
@@ -293,8 +288,6 @@ def gated_act_fp8_quant_triton(
         GROUP_P2=group_p2,
         BLOCK_ROWS=block_rows,
         HAS_M_INDICES=m_indices is not None,
-        HAS_COUNTS=expert_num_tokens is not None,
-        EXPERTS_P2=_next_pow2(expert_num_tokens.numel()) if expert_num_tokens is not None else 1,
         USE_UE8M0=use_ue8m0,
         SOFT_ROUND=triton_interpreting(),
         num_warps=4,
@@ -306,9 +299,6 @@ def _gated_quant_rows_kernel(
     x_ptr,
     x_stride,
     m_indices_ptr,
-    counts_ptr,
-    n_experts,
-    alignment,
     q_ptr,
     q_stride,
     s_ptr,
@@ -324,8 +314,6 @@ def _gated_quant_rows_kernel(
     GROUP_P2: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     HAS_M_INDICES: tl.constexpr,
-    HAS_COUNTS: tl.constexpr,
-    EXPERTS_P2: tl.constexpr,
     USE_UE8M0: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
 ):
@@ -333,16 +321,7 @@ def _gated_quant_rows_kernel(
     g = tl.program_id(1)
     row_ok = r < rows
     if HAS_M_INDICES:
-        expert = tl.load(m_indices_ptr + r, mask=row_ok, other=-1)
-        row_ok = row_ok & (expert >= 0)
-        if HAS_COUNTS:
-            # Each run starts where the earlier experts' aligned counts end; rows past its count are padding.
-            experts = tl.arange(0, EXPERTS_P2)
-            counts = tl.load(counts_ptr + experts, mask=experts < n_experts, other=0).to(tl.int32)
-            padded = (counts + alignment - 1) // alignment * alignment
-            starts = tl.cumsum(padded, axis=0) - padded
-            e = tl.minimum(tl.maximum(expert, 0), EXPERTS_P2 - 1).to(tl.int32)
-            row_ok = row_ok & (expert < n_experts) & (r - tl.gather(starts, e, 0) < tl.gather(counts, e, 0))
+        row_ok = row_ok & (tl.load(m_indices_ptr + r, mask=row_ok, other=-1) >= 0)
     lane = tl.arange(0, GROUP_P2)
     cols = g * GROUP + lane
     mask = row_ok[:, None] & (lane < GROUP)[None, :]

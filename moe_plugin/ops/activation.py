@@ -212,27 +212,12 @@ def _check_fused_quant_args(x, activation, group_size, m_indices):
     return n
 
 
-def _live_rows(m_indices: torch.Tensor, expert_num_tokens: torch.Tensor | None, alignment: int) -> torch.Tensor:
-    """Rows of the contiguous layout that hold a token (all non-negative rows without counts)."""
-    live = m_indices >= 0
-    if expert_num_tokens is None:
-        return live
-    counts = expert_num_tokens.long()
-    padded = (counts + alignment - 1) // alignment * alignment
-    starts = torch.cumsum(padded, 0) - padded
-    e = m_indices.long().clamp(0, max(counts.numel() - 1, 0))
-    rows = torch.arange(m_indices.numel(), device=m_indices.device)
-    return live & (e < counts.numel()) & (rows - starts[e] < counts[e])
-
-
 def gated_act_fp8_quant(
     x: torch.Tensor,
     activation: str = "silu",
     group_size: int = 128,
     *,
     m_indices: torch.Tensor | None = None,
-    expert_num_tokens: torch.Tensor | None = None,
-    alignment: int = 1,
     use_ue8m0: bool = False,
     column_major_scales: bool = True,
     out: torch.Tensor | None = None,
@@ -253,21 +238,8 @@ def gated_act_fp8_quant(
     makes rows with a negative entry neither read nor written, so a worst-case-sized buffer costs nothing
     for its unused tail (CUDA-graph capture sizes the layout for the worst case). The launch grid depends
     on ``M`` only, so it is capturable once and valid for any routing replayed into the graph.
-
-    ``expert_num_tokens [E]`` with ``alignment`` (with ``m_indices``: expert ``e``'s run starts at the sum
-    of the earlier experts' counts rounded up to ``alignment``) also skips the alignment padding at the end
-    of each run: only rows that hold a token are activated and quantized.
     """
     n = _check_fused_quant_args(x, activation, group_size, m_indices)
-    if expert_num_tokens is not None:
-        if m_indices is None:
-            raise ValueError("expert_num_tokens needs m_indices (the experts of the contiguous layout's rows)")
-        if not isinstance(expert_num_tokens, torch.Tensor) or expert_num_tokens.dim() != 1:
-            raise ValueError(f"expert_num_tokens must be a 1-D tensor [E], got {getattr(expert_num_tokens, 'shape', expert_num_tokens)!r}")
-        if expert_num_tokens.dtype not in (torch.int32, torch.int64) or expert_num_tokens.device != x.device:
-            raise TypeError(f"expert_num_tokens must be int32/int64 on {x.device}, got {expert_num_tokens.dtype} on {expert_num_tokens.device}")
-        if not isinstance(alignment, int) or alignment < 1:
-            raise ValueError(f"alignment must be a positive int, got {alignment!r}")
     m = x.shape[0]
     groups = n // group_size
     if out is None:
@@ -306,14 +278,13 @@ def gated_act_fp8_quant(
 
         src = x if x.stride(1) == 1 else x.contiguous()
         gated_act_fp8_quant_triton(
-            src, activation, m_indices, expert_num_tokens, alignment, out, out_scales, group_size, use_ue8m0, eps,
-            SWIGLU_ALPHA, SWIGLU_LIMIT,
+            src, activation, m_indices, out, out_scales, group_size, use_ue8m0, eps, SWIGLU_ALPHA, SWIGLU_LIMIT
         )
         return out, out_scales
 
     from .quant import per_token_group_quant_fp8_torch
 
-    rows = None if m_indices is None else torch.nonzero(_live_rows(m_indices, expert_num_tokens, alignment)).flatten()
+    rows = None if m_indices is None else torch.nonzero(m_indices >= 0).flatten()
     src = x if rows is None else x[rows]
     if src.shape[0] == 0:
         return out, out_scales

@@ -100,38 +100,6 @@ def test_padding_rows_neither_read_nor_written(backend):
     assert torch.isfinite(out_s[~dead]).all()
 
 
-@pytest.mark.parametrize("counts,align", [([3, 0, 5, 1], 4), ([1], 8), ([2, 7, 0], 2)])
-def test_alignment_padding_inside_runs_skipped_with_counts(backend, counts, align):
-    # The contiguous layout as ep_scatter builds it: expert e's run holds counts[e] tokens, then padding up
-    # to a multiple of align (still labelled e in m_indices), then -1 past the last run.
-    owners, live = [], []
-    for e, c in enumerate(counts):
-        run = -(-c // align) * align
-        owners += [e] * run
-        live += [True] * c + [False] * (run - c)
-    owners += [-1] * 3
-    live += [False] * 3
-    m, n = len(owners), GROUP
-    mi = torch.tensor(owners, dtype=torch.int32)
-    live = torch.tensor(live)
-    x = torch.randn(m, 2 * n, generator=torch.Generator().manual_seed(m))
-    poisoned = x.clone()
-    poisoned[~live] = float("nan")
-    out = torch.full((m, n), 7.0).to(FP8)
-    out_s = torch.full((n // GROUP, m), -3.0).t()
-    act.gated_act_fp8_quant(poisoned, "silu", GROUP, m_indices=mi, expert_num_tokens=torch.tensor(counts, dtype=torch.int32),
-                            alignment=align, out=out, out_scales=out_s)
-    assert (out[~live].float() == 7.0).all() and (out_s[~live] == -3.0).all()
-    clean_q, clean_s = act.gated_act_fp8_quant(x, "silu", GROUP)
-    assert torch.equal(out.view(torch.uint8)[live], clean_q.view(torch.uint8)[live])
-    assert torch.equal(out_s[live], clean_s[live])
-
-
-def test_counts_need_m_indices():
-    with pytest.raises(ValueError, match="expert_num_tokens needs m_indices"):
-        act.gated_act_fp8_quant(torch.zeros(4, 2 * GROUP), "silu", GROUP, expert_num_tokens=torch.ones(2, dtype=torch.int32))
-
-
 def test_without_m_indices_every_row_and_row_major_scales(backend):
     m, n = 5, 2 * GROUP
     x = torch.randn(m, 2 * n, generator=torch.Generator().manual_seed(4)).to(torch.float16)
