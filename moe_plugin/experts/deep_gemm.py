@@ -76,6 +76,9 @@ of DeepGEMM 2.x on SM90/SM100; the library's own value is used when it is import
 DEEPGEMM_MIN_TOKENS: dict[tuple[int, int], int] = {
     (7168, 2048): 1024,  # DeepSeek-V3 EP8 shard: Triton FP8 550 vs DeepGEMM 694 us at M=256, 1086 vs 679 at 1024
     (2048, 768): 4096,  # qwen3-30B-A3B: Triton FP8 343 vs DeepGEMM 424 us at M=1024, 881 vs 666 at 4096
+    # Mixtral-8x7B: DeepGEMM 664 vs Triton FP8 757 us at M=64 but 712 vs 664 at 256; 1053 vs 1592 at 1024,
+    # 2649 vs 5609 at 4096: it wins at every measured size from 1024 up
+    (4096, 14336): 1024,
 }
 """Measured crossovers, ``(K, N) -> `` the smallest ``MoEConfig.max_num_tokens`` (tokens per call on a rank)
 at which DeepGemmExperts beat the Triton FP8 experts: scripts/bench_deepgemm.py on an H100, 2026-11-25,

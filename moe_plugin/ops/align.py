@@ -78,14 +78,18 @@ _ONE_PROGRAM_MAX_KEYS = 1024
 # (3.0 / 4.1 vs 6.4 / 7.1 us). Slots x keys bounds both.
 _ONE_PROGRAM_MAX_WORK = 512 * 128
 _ONE_PROGRAM_MAX_BLOCKS = 4096
-# Two-launch path: chunks of slots sorted in registers like the one program, numel / 32 rounded to a power
-# of two within [128, 512] (None; an int fixes it): smaller chunks sort faster, fewer chunks make the count
-# table that every place program reads smaller (H100, top-8: best of 128 / 256 / 512 at each size from
-# 128 to 4096 tokens). Taken while the table (chunks x experts) has at most _TWO_LAUNCH_MAX_TABLE entries.
+# Two-launch path: chunks of slots sorted in registers like the one program; smaller chunks sort faster,
+# fewer chunks make the count table that every place program reads smaller. (slots up to, chunk) pairs:
+# the best of 128 / 256 / 512 at each size from 128 to 4096 tokens x top-8 (H100); _TWO_LAUNCH_CHUNK fixes
+# one. Taken while the table (chunks x experts) has at most _TWO_LAUNCH_MAX_TABLE entries, which a place
+# program loads in one tile (_TABLE_TILE: at 4096 tokens one tile measured 8.3 / 9.0 us with 128 / 256
+# experts, tiles of 4096 entries 9.1 / 10.5 us; 8 warps were slower everywhere).
+_TWO_LAUNCH_CHUNKS = ((4096, 128), (16384, 256))
+_TWO_LAUNCH_LARGEST_CHUNK = 512
 _TWO_LAUNCH_CHUNK: int | None = None
 _TWO_LAUNCH_MAX_TABLE = 128 * 128
 _TWO_LAUNCH_WARPS = 4
-_TABLE_TILE = 4096
+_TABLE_TILE = 128 * 128
 # Three-launch path: at most this many chunks (the scan's rows).
 _MAX_CHUNKS = 1024
 _SCAN_TILE = 4096
@@ -248,7 +252,7 @@ def _single_program_fits(numel: int, num_keys: int, n_blocks: int) -> bool:
 def _two_launch_chunk(numel: int) -> int:
     if _TWO_LAUNCH_CHUNK is not None:
         return _TWO_LAUNCH_CHUNK
-    return min(512, max(128, _next_pow2(numel // 32)))
+    return next((chunk for limit, chunk in _TWO_LAUNCH_CHUNKS if numel <= limit), _TWO_LAUNCH_LARGEST_CHUNK)
 
 
 def _two_launch_chunks(numel: int, num_keys: int) -> int:

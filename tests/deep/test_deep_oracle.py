@@ -77,8 +77,9 @@ def test_threshold_comes_from_the_measured_crossover_of_the_shape():
 
 
 def test_unmeasured_shape_takes_the_nearest_measured_crossover(monkeypatch):
-    # Mixtral's K*N (4096 x 14336) is nearest the DeepSeek shard's on a log scale.
-    assert dg.deepgemm_min_tokens(4096, 14336) == (1024, "nearest measured shape K=7168 N=2048")
+    # K*N = 5120 x 8192 is nearest Mixtral's (4096 x 14336) on a log scale.
+    assert dg.deepgemm_min_tokens(4096, 14336) == (1024, "measured K=4096 N=14336")
+    assert dg.deepgemm_min_tokens(5120, 8192) == (1024, "nearest measured shape K=4096 N=14336")
     assert dg.deepgemm_min_tokens(1024, 512) == (4096, "nearest measured shape K=2048 N=768")
     monkeypatch.setitem(dg.DEEPGEMM_MIN_TOKENS, (4096, 14336), 512)
     assert dg.deepgemm_min_tokens(4096, 14336) == (512, "measured K=4096 N=14336")
