@@ -41,10 +41,10 @@ except ImportError:  # torch-only installs: the kernels below are never launched
     tl = None
 
 # Bytes each program of the row copies moves per row (scatter: read once, written per slot; gather: read
-# per slot); tuned on an H100 (docs/benchmarks.md).
+# per slot). On an H100, 2, 4 and 8 KB time the same within 1 % (16 KB is up to 17 % slower), and a gather
+# that loads all of a token's slots in one 2-D load was up to 5 % slower (docs/benchmarks.md).
 _SCATTER_BYTES_PER_PROGRAM = 4096
 _GATHER_BYTES_PER_PROGRAM = 4096
-_GATHER_ALL_SLOTS_AT_ONCE = False
 # Source bytes per program of the quantizing scatter.
 _QUANT_SCATTER_BYTES = 4096
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -253,11 +253,9 @@ def _gather_rows(
             out.stride(0),
             out.shape[1],
             TOP_K=top_k,
-            TOP_K_P2=_next_pow2(top_k),
             BLOCK_K=block_k,
             HAS_LIMIT=limit is not None,
             HAS_WEIGHTS=weights is not None,
-            ALL_SLOTS_AT_ONCE=_GATHER_ALL_SLOTS_AT_ONCE,
             SOFT_ROUND=triton_interpreting(),
             num_warps=_warps(block_k * permuted.element_size()),
         )
@@ -392,11 +390,9 @@ def _gather_rows_kernel(
     out_stride,
     K,
     TOP_K: tl.constexpr,
-    TOP_K_P2: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LIMIT: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
-    ALL_SLOTS_AT_ONCE: tl.constexpr,
     SOFT_ROUND: tl.constexpr,
 ):
     token = tl.program_id(0)
@@ -407,31 +403,16 @@ def _gather_rows_kernel(
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     acc = tl.zeros((BLOCK_K,), tl.float32)
-    if ALL_SLOTS_AT_ONCE:
-        # One load of every slot's destination and one 2-D load of their rows, so all of a token's reads
-        # are in flight together; rows are then summed in slot order like the torch path.
-        j = tl.arange(0, TOP_K_P2)
-        dests = tl.load(inv_ptr + token * TOP_K + j, mask=j < TOP_K, other=-1)
-        ok2 = ((dests >= 0) & (dests < bound))[:, None] & col_ok[None, :]
-        rows2 = tl.load(src_ptr + dests.to(tl.int64)[:, None] * src_stride + cols[None, :], mask=ok2, other=0.0)
-        rows2 = rows2.to(tl.float32)
+    # Slots in order j = 0, 1, ...: the torch path sums in the same order.
+    for j in tl.static_range(TOP_K):
+        # Broadcast first: the 3.9 interpreter rejects masks built from a scalar & a vector.
+        dest = tl.load(inv_ptr + token * TOP_K + j) + tl.zeros((BLOCK_K,), tl.int32)
+        ok = col_ok & (dest >= 0) & (dest < bound)
+        row = tl.load(src_ptr + dest.to(tl.int64) * src_stride + cols, mask=ok, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
-            ws = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1, mask=j < TOP_K, other=0.0)
-            rows2 = rows2 * ws.to(tl.float32)[:, None]
-        rows2 = tl.where(ok2, rows2, 0.0)
-        for jj in tl.static_range(TOP_K):
-            acc += tl.sum(tl.where((j == jj)[:, None], rows2, 0.0), axis=0)
-    else:
-        # Slots in order j = 0, 1, ...: the torch path sums in the same order.
-        for j in tl.static_range(TOP_K):
-            # Broadcast first: the 3.9 interpreter rejects masks built from a scalar & a vector.
-            dest = tl.load(inv_ptr + token * TOP_K + j) + tl.zeros((BLOCK_K,), tl.int32)
-            ok = col_ok & (dest >= 0) & (dest < bound)
-            row = tl.load(src_ptr + dest.to(tl.int64) * src_stride + cols, mask=ok, other=0.0).to(tl.float32)
-            if HAS_WEIGHTS:
-                w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
-                row = row * w
-            acc += tl.where(ok, row, 0.0)
+            w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
+            row = row * w
+        acc += tl.where(ok, row, 0.0)
     out = cast_for_store(acc, out_ptr.dtype.element_ty, SOFT_ROUND)
     tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, out, mask=col_ok)
 
