@@ -14,30 +14,38 @@ Semantics (vLLM's ``moe_align_block_size``):
 - Slots whose id lies outside ``[0, num_experts)`` (e.g. -1 for "dropped") are neither counted nor placed.
 
 The Triton implementation runs without host synchronisation, with a grid that depends only on ``numel``
-and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), three above. Inside
-a CUDA graph each launch costs a few microseconds of its own, which dominates small problems; a single
-program's cost grows with the slots it sorts, which dominates large ones. Measured on an H100 (median of
-CUDA-graph replays, top-8, block 64, 128 experts):
+and ``num_experts``: one launch up to 512 slots (fewer with more than 128 experts), two while the chunks'
+count table is small (up to 4096 tokens x top-8 with 256 experts), three above. Inside a CUDA graph each
+launch costs a few microseconds of its own, which dominates small problems; a program's cost grows with
+the slots it sorts, which dominates large ones. Measured on an H100 (median of CUDA-graph replays, top-8,
+block 64; "before" is the previous commit, one program or three launches, in the same run):
 
-    tokens (slots)    one program   three launches
-    1      (8)           2.9 us         6.4 us
-    64     (512)         5.1 us         6.1 us
-    128    (1024)       10.2 us         6.5 us
-    256    (2048)       26.2 us         6.8 us
-    512    (4096)       63.9 us         7.1 us
-    4096   (32768)          -          10.8 us
-    65536  (524288)         -          44.5 us
+    tokens (slots)    E=128: now (path)    before    E=256: now (path)    before
+    1      (8)          3.2 us (one)       3.0 us      4.1 us (one)       4.1 us
+    64     (512)        5.1 us (one)       5.2 us      6.0 us (two)       6.4 us
+    512    (4096)       6.0 us (two)       7.2 us      6.0 us (two)       7.2 us
+    2048   (16384)      6.8 us (two)       8.2 us      7.5 us (two)       8.2 us
+    4096   (32768)      8.1 us (two)      10.7 us      9.0 us (two)      11.1 us
+    16384  (131072)    17.9 us (three)    18.2 us     18.4 us (three)    18.6 us
+    65536  (524288)    44.5 us (three)    44.5 us     46.6 us (three)    46.2 us
 
-With 256 experts: 4.1 vs 7.1 us at 1 token, 6.5 vs 6.2 us at 64 tokens, so one program also requires
-slots x experts <= 512 x 128.
-
-(A two-launch variant that folded the scan into the rank launch through self-resetting atomic tickets
-measured 7.6 to 8.4 us from 64 to 512 tokens and 16.0 us at 4096: slower than three launches everywhere.)
+(Three launches at every size, session 2: 6.4 / 7.1 us at one token.)
 
 - One program (at most 512 slots, 1024 experts, 512 x 128 slots x experts and 4095 blocks): the program
   loads every slot, counts the experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a
   stable sort by expert), and writes each sorted slot to its expert's padded offset plus its position
   within the expert. Block ids come from a histogram of the experts' end blocks.
+- Two launches (chunks x experts <= 128 x 128):
+
+  1. chunk rank: each program sorts a chunk of 128, 256 or 512 slots (by size) the one program's way and
+     writes its row of a ``[chunks, experts]`` count table and each slot's rank within the chunk's slots
+     of its expert; it also writes the sentinel over its share of ``sorted_token_ids``.
+  2. chunk place: every program loads the whole count table in one tile and reduces it to the experts'
+     totals (hence the padded offsets) and its own chunk's prefix, then places its slots; the programs
+     past the chunks write the expert id of a tile of blocks.
+
+  (A two-launch variant with the scan folded into the rank launch through self-resetting atomic tickets
+  measured 16.0 us at 4096 tokens and was removed.)
 - Three launches otherwise:
 
   1. rank: each program takes a chunk of slots (32 up to 32k slots, larger beyond so that there are at
