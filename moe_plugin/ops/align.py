@@ -495,6 +495,16 @@ def _store_block_keys(block_keys_ptr, blocks, owner, n_blocks, block_map_ptr, HA
 
 
 @kernel
+def _fill_share(fill_ptr, fill_len, fill_value, fill_per_program, pid, FILL_BLOCK: tl.constexpr):
+    """Program ``pid``'s share of the sentinel fill of ``sorted_token_ids``."""
+    fill_offs = tl.arange(0, FILL_BLOCK)
+    fill_start = pid * fill_per_program
+    fill_end = tl.minimum(fill_start + fill_per_program, fill_len)
+    for f in range(fill_start, fill_end, FILL_BLOCK):
+        tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
+
+
+@kernel
 def _store_totals(ntpp_ptr, offsets_ptr, ends, total, key_ok, HAS_NTPP: tl.constexpr, HAS_OFFSETS: tl.constexpr):
     if HAS_NTPP:
         tl.store(ntpp_ptr, total)
@@ -620,11 +630,7 @@ def _chunk_rank_kernel(
     offs = pid * CHUNK + lane
     keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
 
-    fill_offs = tl.arange(0, FILL_BLOCK)
-    fill_start = pid * fill_per_program
-    fill_end = tl.minimum(fill_start + fill_per_program, fill_len)
-    for f in range(fill_start, fill_end, FILL_BLOCK):
-        tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
+    _fill_share(fill_ptr, fill_len, fill_value, fill_per_program, pid, FILL_BLOCK)
 
     all_keys = tl.arange(0, KEYS_P2)
     n_invalid = CHUNK - tl.sum(valid.to(tl.int32), axis=0)
@@ -757,11 +763,7 @@ def _rank_kernel(
         offs = pid * CHUNK + lane
         keys, valid = _slot_keys(ids_ptr, offs, n_valid, key_map_ptr, n_ids, num_keys, HAS_KEY_MAP)
 
-    fill_offs = tl.arange(0, FILL_BLOCK)
-    fill_start = pid * fill_per_program
-    fill_end = tl.minimum(fill_start + fill_per_program, fill_len)
-    for f in range(fill_start, fill_end, FILL_BLOCK):
-        tl.store(fill_ptr + f + fill_offs, tl.zeros((FILL_BLOCK,), tl.int32) + fill_value, mask=f + fill_offs < fill_end)
+    _fill_share(fill_ptr, fill_len, fill_value, fill_per_program, pid, FILL_BLOCK)
 
     key_offs = tl.arange(0, KEYS_BLOCK)
     for k in range(0, num_keys, KEYS_BLOCK):
