@@ -161,10 +161,10 @@ class PrepareAndFinalize(ABC):
     """True when prepare hands the experts the caller's own tokens in order (no communication, no
     reordering): experts that weight and reduce themselves may then write straight into the output."""
     can_leave_quant_to_experts: ClassVar[bool] = False
-    """True when prepare sends nothing over a wire, so activations need not be quantized before it: paired
-    with experts that quantize inside their permute (``quantizes_own_input``), ``ModularKernel`` sets
-    ``leave_quant_to_experts`` and prepare hands over the model-dtype tokens."""
-    leave_quant_to_experts: bool = False
+    """True when prepare sends nothing over a wire, so activations need not be quantized before it. Such a
+    backend's ``prepare`` takes a keyword ``leave_quant_to_experts``: ``ModularKernel`` passes True when its
+    experts quantize inside their permute (``quantizes_own_input``), and prepare then hands over the
+    model-dtype tokens with no scale."""
 
     def __init__(self, quant: QuantConfig):
         self.quant = quant
@@ -382,8 +382,8 @@ class ModularKernel:
         cap = prepare_finalize.max_num_tokens_per_rank()
         if cap is not None:
             chunk_size = min(chunk_size, cap)
-        # The prepare instance belongs to this kernel: whether it quantizes depends on its partner.
-        prepare_finalize.leave_quant_to_experts = bool(
+        # Decided per kernel and passed on each call: a prepare instance may serve kernels whose experts differ.
+        self.quantize_in_experts = bool(
             experts.quantizes_own_input and prepare_finalize.can_leave_quant_to_experts and experts.quant.is_quantized
         )
         self.prepare_finalize = prepare_finalize
@@ -484,6 +484,7 @@ class ModularKernel:
         shared_input: torch.Tensor | None,
     ) -> torch.Tensor | None:
         pf, experts = self.prepare_finalize, self.experts
+        deferred = {"leave_quant_to_experts": True} if self.quantize_in_experts else {}
         receive = pf.prepare_async(
             hidden_states,
             topk_weights,
@@ -492,6 +493,7 @@ class ModularKernel:
             expert_map=expert_map,
             apply_router_weight_on_input=apply_router_weight_on_input,
             a1_scale=weights.a1_scale,
+            **deferred,
         )
         # Shared experts run while the dispatch is in flight (when the backend is asynchronous).
         shared_out = self.shared_experts(shared_input) if shared_input is not None else None

@@ -35,7 +35,7 @@ block 64; "before" is the previous commit, one program or three launches, in the
   loads every slot, counts the experts with a histogram, sorts the distinct codes ``(expert, slot)`` (a
   stable sort by expert), and writes each sorted slot to its expert's padded offset plus its position
   within the expert. Block ids come from a histogram of the experts' end blocks.
-- Two launches (chunks x experts <= 128 x 128):
+- Two launches (at most 64 chunks, and chunks x experts padded to a power of two <= 128 x 128):
 
   1. chunk rank: each program sorts a chunk of 128, 256 or 512 slots (by size) the one program's way and
      writes its row of a ``[chunks, experts]`` count table and each slot's rank within the chunk's slots
@@ -89,13 +89,16 @@ _ONE_PROGRAM_MAX_BLOCKS = 4096
 # Two-launch path: chunks of slots sorted in registers like the one program; smaller chunks sort faster,
 # fewer chunks make the count table that every place program reads smaller. (slots up to, chunk) pairs:
 # the best of 128 / 256 / 512 at each size from 128 to 4096 tokens x top-8 (H100); _TWO_LAUNCH_CHUNK fixes
-# one. Taken while the table (chunks x experts) has at most _TWO_LAUNCH_MAX_TABLE entries, which a place
-# program loads in one tile (_TABLE_TILE: at 4096 tokens one tile measured 8.3 / 9.0 us with 128 / 256
-# experts, tiles of 4096 entries 9.1 / 10.5 us; 8 warps were slower everywhere).
+# one. Taken while there are at most _TWO_LAUNCH_MAX_CHUNKS chunks (the measured range: every place
+# program reads all of them) and the table, its expert axis padded to a power of two, has at most
+# _TWO_LAUNCH_MAX_TABLE entries, which a place program loads in one tile (_TABLE_TILE: at 4096 tokens one
+# tile measured 8.3 / 9.0 us with 128 / 256 experts, tiles of 4096 entries 9.1 / 10.5 us; 8 warps were
+# slower everywhere).
 _TWO_LAUNCH_CHUNKS = ((4096, 128), (16384, 256))
 _TWO_LAUNCH_LARGEST_CHUNK = 512
 _TWO_LAUNCH_CHUNK: int | None = None
 _TWO_LAUNCH_MAX_TABLE = 128 * 128
+_TWO_LAUNCH_MAX_CHUNKS = 64
 _TWO_LAUNCH_WARPS = 4
 _TABLE_TILE = 128 * 128
 # Three-launch path: at most this many chunks (the scan's rows).
@@ -267,7 +270,8 @@ def _two_launch_chunks(numel: int, num_keys: int) -> int:
     """Chunks of the two-launch path, 0 where its count table would be too large (or the keys too many for
     a chunk's histogram)."""
     n_chunks = max(1, _cdiv(numel, _two_launch_chunk(numel)))
-    if num_keys > _ONE_PROGRAM_MAX_KEYS or n_chunks * num_keys > _TWO_LAUNCH_MAX_TABLE:
+    keys_p2 = max(32, _next_pow2(num_keys))
+    if num_keys > _ONE_PROGRAM_MAX_KEYS or n_chunks > _TWO_LAUNCH_MAX_CHUNKS or n_chunks * keys_p2 > _TWO_LAUNCH_MAX_TABLE:
         return 0
     return n_chunks
 
@@ -289,7 +293,7 @@ def sort_slots_triton(
     key_map: torch.Tensor | None = None,
     valid_tokens: torch.Tensor | None = None,
 ) -> None:
-    """Sort flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them) in one or three launches.
+    """Sort flat contiguous ``ids`` (int32/int64, ``num_tokens * top_k`` of them) in one, two or three launches.
 
     ``key_map`` turns an id into its key (ids outside ``[0, len(key_map))`` get no key); without it the id
     is the key. With ``valid_tokens`` only the first ``valid_tokens * top_k`` slots take part; the grid and
@@ -460,8 +464,8 @@ def _sort_in_chunks(slot_args, slot_flags, output_args, output_flags, out, block
 def _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID: tl.constexpr):
     n_valid = numel
     if HAS_VALID:
-        v = tl.load(valid_ptr).to(tl.int32)
-        v = tl.minimum(tl.maximum(v, 0), max_tokens)
+        # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
+        v = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), max_tokens).to(tl.int32)
         n_valid = v * top_k
     return n_valid
 

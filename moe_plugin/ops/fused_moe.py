@@ -595,8 +595,9 @@ if tl is not None:
             num_pid_m = tl.cdiv(tl.load(ntpp_ptr), BLOCK_M)
         elif ROUTE == "slot":
             if HAS_VALID:
-                v = tl.load(valid_ptr).to(tl.int32)
-                num_pid_m = tl.minimum(tl.maximum(v, 0), max_tokens) * slots_per_token
+                # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
+                v = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), max_tokens).to(tl.int32)
+                num_pid_m = v * slots_per_token
             else:
                 num_pid_m = num_slots
         else:

@@ -196,7 +196,8 @@ def _moe_sum_kernel(
     pid_k = tl.program_id(1)
     n_tok = num_tokens
     if HAS_VALID:
-        n_tok = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 0), num_tokens)
+        # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
+        n_tok = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), num_tokens).to(tl.int32)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = toks < n_tok
     rows = toks.to(tl.int64)

@@ -52,10 +52,19 @@ class LocalPrepareAndFinalize(PrepareAndFinalize):
         return cls(config.quant)
 
     def prepare(
-        self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map, apply_router_weight_on_input, a1_scale
+        self,
+        hidden_states,
+        topk_weights,
+        topk_ids,
+        *,
+        num_experts,
+        expert_map,
+        apply_router_weight_on_input,
+        a1_scale,
+        leave_quant_to_experts: bool = False,
     ) -> PreparedTokens:
         a1 = apply_weight_on_input(hidden_states, topk_weights, apply_router_weight_on_input)
-        if self.leave_quant_to_experts and a1_scale is None:
+        if leave_quant_to_experts and a1_scale is None:
             return PreparedTokens(hidden_states=a1, scale=None, topk_ids=topk_ids, topk_weights=topk_weights)
         a1q, scale = quantize_activation(a1, self.quant, a1_scale)
         return PreparedTokens(hidden_states=a1q, scale=scale, topk_ids=topk_ids, topk_weights=topk_weights)

@@ -387,16 +387,15 @@ def test_input_quantized_in_the_scatter_gives_the_prepare_quantized_bits(ue8m0, 
 
     deferred_pf = LocalPrepareAndFinalize(quant)
     deferred = ModularKernel(deferred_pf, EmulatedDeepGemmExperts(cfg))
-    assert deferred_pf.leave_quant_to_experts
+    assert deferred.quantize_in_experts
     prepared = deferred_pf.prepare(x, w, ids, num_experts=e_global, expert_map=None,
-                                   apply_router_weight_on_input=False, a1_scale=None)
+                                   apply_router_weight_on_input=False, a1_scale=None, leave_quant_to_experts=True)
     assert prepared.hidden_states.dtype == torch.bfloat16 and prepared.scale is None
 
-    quantizing_pf = LocalPrepareAndFinalize(quant)
     prequantized_experts = EmulatedDeepGemmExperts(cfg)
     prequantized_experts.quantizes_own_input = False
-    prequantized = ModularKernel(quantizing_pf, prequantized_experts)
-    assert not quantizing_pf.leave_quant_to_experts
+    prequantized = ModularKernel(LocalPrepareAndFinalize(quant), prequantized_experts)
+    assert not prequantized.quantize_in_experts
 
     got = deferred(x, weights, w, ids, **kw)
     assert torch.equal(got, prequantized(x, weights, w, ids, **kw))
@@ -410,12 +409,18 @@ def test_only_deep_gemm_behind_a_local_prepare_leaves_the_quant_to_the_experts()
 
     quant = QuantConfig.fp8_block()
     cfg = MoEConfig(8, 2, 256, 128, quant=quant)
+    # One prepare instance shared by kernels whose experts differ: each kernel keeps its own decision.
     pf = LocalPrepareAndFinalize(quant)
-    ModularKernel(pf, EmulatedDeepGemmExperts(cfg))
-    assert pf.leave_quant_to_experts
-    ModularKernel(pf, TritonExperts(cfg))  # re-paired: prepare quantizes again
-    assert not pf.leave_quant_to_experts
+    torch_kernel = ModularKernel(pf, TorchExperts(cfg))
+    weights = fp8_weights(8, 128, 256, seed=2)
+    x = torch.randn(6, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    w, ids = routing(6, 8, 2, 2)
+    before = torch_kernel(x, weights, w, ids)
+    deep_kernel = ModularKernel(pf, EmulatedDeepGemmExperts(cfg))
+    assert deep_kernel.quantize_in_experts and not torch_kernel.quantize_in_experts
+    assert torch.equal(torch_kernel(x, weights, w, ids), before)  # still handed FP8 tokens
+    assert rel_err(deep_kernel(x, weights, w, ids), before) < 0.01
+    assert not ModularKernel(pf, TritonExperts(cfg)).quantize_in_experts
     assert not BatchedLocalPrepareAndFinalize.can_leave_quant_to_experts
-    unquantized = LocalPrepareAndFinalize(QuantConfig())
-    ModularKernel(unquantized, TorchExperts(MoEConfig(8, 2, 256, 128)))
-    assert not unquantized.leave_quant_to_experts
+    unquantized = ModularKernel(LocalPrepareAndFinalize(QuantConfig()), TorchExperts(MoEConfig(8, 2, 256, 128)))
+    assert not unquantized.quantize_in_experts

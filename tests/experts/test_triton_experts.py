@@ -352,12 +352,14 @@ def test_valid_tokens_on_device(routing):
     # One set of buffers for 12 tokens; only the first 5 count. The rest of `out` must stay untouched.
     m, e, top_k, hidden, inter = 12, 5, 2, 32, 16
     x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float32, seed=13)
-    for v in (5, 0, 12):
+    # int64 counts past 2**31 clamp to every token (2**32 + 5 would wrap to 5 if cast to int32 first)
+    for v, dtype in ((5, torch.int32), (0, torch.int32), (12, torch.int32), (2**32 + 5, torch.int64)):
         out = torch.full((m, hidden), float("nan"))
         fused_experts_triton(
-            x, w1, w2, w, ids, out=out, valid_tokens=torch.tensor([v], dtype=torch.int32), num_tokens_hint=4,
+            x, w1, w2, w, ids, out=out, valid_tokens=torch.tensor([v], dtype=dtype), num_tokens_hint=4,
             config=small_cfg(routing=routing),
         )
+        v = min(v, m)
         if v:
             assert rel_err(out[:v], naive.moe(x[:v], w1, w2, w[:v], ids[:v])) < 1e-5
         assert torch.isnan(out[v:]).all()

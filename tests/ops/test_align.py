@@ -186,6 +186,15 @@ def test_graph_safe_equals_the_sliced_call(backend, path, valid):
     check(result, naive_align(ids, bs, e, expert_map, True, valid_tokens=valid))
 
 
+@pytest.mark.parametrize("valid", [-(2**40), 2**31 + 5, 2**32 + 5])
+def test_graph_safe_int64_count_clamps_without_wrapping(backend, path, valid):
+    # 2**32 + 5 cast to int32 first would read as 5 tokens; clamped first it reads as all of them.
+    max_tokens, k, e, bs = 12, 3, 7, 16
+    ids = random_ids(max_tokens, k, e, seed=12)
+    count = torch.tensor([valid], dtype=torch.int64)
+    check(moe_align_block_size_graph_safe(ids, bs, e, count), naive_align(ids, bs, e, valid_tokens=valid))
+
+
 @pytest.mark.parametrize(
     "m,k,e,launches",
     [(64, 8, 128, 1), (64, 8, 256, 2), (1, 8, 256, 1), (171, 3, 128, 2), (3, 2, 1025, 3), (3, 2, 1024, 1)],
@@ -219,7 +228,7 @@ def test_block_limit(interpreter, n_blocks, launches):
 @pytest.mark.parametrize("valid", [None, 9])
 def test_engine_outputs_match_torch(interpreter, monkeypatch, engine_path, valid):
     # Every optional output of the shared engine (ops.permute uses inv, offsets, counts, repeated block keys)
-    # on both paths, against the torch engine on the local keys.
+    # on every path, against the torch engine on the local keys.
     if engine_path == "three_launches":
         force_three_launches(monkeypatch)
     elif engine_path == "two_launches":
