@@ -21,12 +21,17 @@ Shapes (one GPU; the DeepSeek-V3 row is one EP8 rank: 32 of 256 experts, routing
 
 Backends per (shape, M): ``deep_gemm`` (DeepGemmExperts, whole call incl. quantization, permute and
 unpermute; behind the local prepare the input is quantized inside the scatter), ``deep_gemm_prequant``
-(the same with prepare quantizing every token first, as before that fusion and as behind an FP8
-dispatch), ``deep_gemm_two_step`` (the activation and its quantization unfused: the before of that
+(the same with prepare quantizing every token first, as before that fusion), ``deep_gemm_two_step`` (the activation and its quantization unfused: the before of that
 fusion), ``deep_gemm_gemm_only`` (its two grouped GEMMs on pre-permuted data), ``batched_deep_gemm``
 (masked, the experts call on a ready batched layout, decode sizes only), ``triton_fp8`` and
 ``triton_bf16`` (moe_plugin.experts.triton, when present). Every timing is the median of CUDA-graph
 replays (eager when a backend cannot be captured, marked ``"mode": "eager"``).
+
+The dsv3-ep8 shape is one rank of expert parallelism: its experts get what DeepEP high-throughput
+hands over, FP8 tokens quantized on the sender and the per-expert counts on the host
+(``HostCountsPrepare``), so its ``deep_gemm`` and ``deep_gemm_prequant`` rows time the same path, the
+experts call alone. (Before 2026-11-25's third session that row ran behind a local prepare and included
+the quantization; docs/benchmarks.md says how its numbers relate.)
 
 The JSON's ``crossover`` gives, per shape, the smallest M where DeepGemmExperts beats the Triton FP8
 experts: the value for ``moe_plugin.experts.deep_gemm.DEEPGEMM_MIN_TOKENS``. ``targets`` compares with
@@ -48,8 +53,9 @@ import torch
 
 from moe_plugin import ExpertWeights, ModularKernel, MoEConfig, ParallelConfig, QuantConfig
 from moe_plugin.distributed import build_expert_map
-from moe_plugin.modular import ExpertTokensMetadata
+from moe_plugin.modular import ExpertTokensMetadata, PreparedTokens
 from moe_plugin.ops.quant import quantize_block_weight
+from moe_plugin.ops.scheme import quantize_activation
 from moe_plugin.prepare_finalize.local import BatchedLocalPrepareAndFinalize, LocalPrepareAndFinalize
 
 SHAPES = {
@@ -124,16 +130,20 @@ def quant_for_device() -> QuantConfig:
 
 
 class HostCountsPrepare(LocalPrepareAndFinalize):
-    """Local prepare that also hands over per-expert counts on the host, as DeepEP high-throughput does."""
+    """What an EP rank's experts receive from DeepEP high-throughput: FP8 tokens (quantized on the sender,
+    before the wire, so outside this rank's experts call) and the per-expert counts on the host."""
 
-    def __init__(self, quant: QuantConfig, counts: torch.Tensor):
+    can_leave_quant_to_experts = False  # tokens arrive quantized under expert parallelism
+
+    def __init__(self, quant: QuantConfig, counts: torch.Tensor, hidden_states: torch.Tensor):
         super().__init__(quant)
         self.meta = ExpertTokensMetadata(counts, counts.cpu())
+        self.received = quantize_activation(hidden_states, quant, None)
 
-    def prepare(self, *args, **kwargs):
-        prepared = super().prepare(*args, **kwargs)
-        prepared.expert_tokens_meta = self.meta
-        return prepared
+    def prepare(self, hidden_states, topk_weights, topk_ids, **kwargs):
+        a1q, scale = self.received
+        return PreparedTokens(hidden_states=a1q, scale=scale, topk_ids=topk_ids, topk_weights=topk_weights,
+                              expert_tokens_meta=self.meta)
 
 
 class Bench:
@@ -263,7 +273,7 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
         counts = torch.bincount(local_ids[local_ids >= 0].flatten(), minlength=e_local).to(torch.int32)
         # The EP shard runs behind DeepEP high-throughput, which hands the per-expert counts over on the
         # host; without EP the experts see no counts and size the layout for the worst case under a graph.
-        pf = HostCountsPrepare(quant, counts) if ep > 1 else LocalPrepareAndFinalize(quant)
+        pf = HostCountsPrepare(quant, counts, x) if ep > 1 else LocalPrepareAndFinalize(quant)
         backends = bench.args.backends
         if "deep_gemm" in backends:
             kernel = ModularKernel(pf, dg)
@@ -271,7 +281,7 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
         if "deep_gemm_prequant" in backends:
             dgp = DeepGemmExperts(cfg)
             dgp.quantizes_own_input = False
-            kernelp = ModularKernel(HostCountsPrepare(quant, counts) if ep > 1 else LocalPrepareAndFinalize(quant), dgp)
+            kernelp = ModularKernel(HostCountsPrepare(quant, counts, x) if ep > 1 else LocalPrepareAndFinalize(quant), dgp)
             bench.record(name, m, "deep_gemm_prequant", lambda: kernelp(x, fp8_weights, w, ids, **kw))
         if "deep_gemm_two_step" in backends:
             dg2 = DeepGemmExperts(cfg)
