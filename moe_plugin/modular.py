@@ -125,7 +125,7 @@ class WeightAndReduceContiguous(TopKWeightAndReduce):
 
     def apply(self, output, fused_expert_output, topk_weights, topk_ids, apply_router_weight_on_input):
         m, k = topk_weights.shape
-        per_slot = fused_expert_output.view(m, k, -1).float()
+        per_slot = fused_expert_output.view(m, k, output.shape[-1]).float()  # explicit width: m may be 0
         if not apply_router_weight_on_input:
             per_slot = per_slot * topk_weights.view(m, k, 1).float()
         output.copy_(per_slot.sum(dim=1))
@@ -187,6 +187,19 @@ class PrepareAndFinalize(ABC):
         """Every rank of an EP group must run the same number of chunks (collectives would deadlock);
         EP backends override this with a max-reduction over the group."""
         return num_chunks
+
+    def check_inputs(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        num_experts: int,
+        expert_map: torch.Tensor | None,
+    ) -> None:
+        """Raise ``ValueError`` / ``TypeError`` for inputs ``prepare`` would refuse. ``ModularKernel`` calls
+        it before any collective, so that a rank with bad inputs can tell its peers instead of leaving them
+        waiting; backends whose ``prepare`` checks more than ``validation.check_moe_inputs`` override it."""
 
     @abstractmethod
     def prepare(
@@ -316,6 +329,11 @@ class PermuteExpertsUnpermute(ABC):
         return f"{type(self).__name__}(quant={self.quant.name})"
 
 
+_REJECTED_CHUNKS = 1 << 40
+"""The chunk count a rank with bad inputs brings to the agreement (a max over the group): far above any
+real one, so every rank learns of the rejection from the same collective."""
+
+
 class WorkspaceCache:
     """Grow-only scratch buffers keyed by (device, dtype), at most ``max_entries`` kept (LRU).
 
@@ -423,26 +441,43 @@ class ModularKernel:
         activation = self.config.activation if activation is None else activation
         if global_num_experts is None:
             global_num_experts = self.config.num_experts
-        if check_inputs:
-            topk_weights, topk_ids = check_moe_inputs(
-                hidden_states,
-                weights,
-                topk_weights,
-                topk_ids,
-                activation=activation,
-                global_num_experts=global_num_experts,
-                expert_map=expert_map,
-                quant=self.experts.quant,
-                apply_router_weight_on_input=apply_router_weight_on_input,
+        # A rank whose inputs are bad must not raise alone: its EP peers would wait for it in the first
+        # collective until the timeout. It joins the chunk-count agreement with a marker count instead,
+        # so every rank raises (this one with its own error).
+        rejected: Exception | None = None
+        try:
+            if check_inputs:
+                topk_weights, topk_ids = check_moe_inputs(
+                    hidden_states,
+                    weights,
+                    topk_weights,
+                    topk_ids,
+                    activation=activation,
+                    global_num_experts=global_num_experts,
+                    expert_map=expert_map,
+                    quant=self.experts.quant,
+                    apply_router_weight_on_input=apply_router_weight_on_input,
+                )
+                self.prepare_finalize.check_inputs(
+                    hidden_states, topk_weights, topk_ids, num_experts=global_num_experts, expert_map=expert_map
+                )
+            if not self.experts.supports_expert_map and expert_map is not None:
+                raise ValueError(f"{type(self.experts).__name__} does not support expert_map")
+        except (ValueError, TypeError) as exc:
+            rejected = exc
+        device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")
+        local_chunks = _REJECTED_CHUNKS if rejected else max(1, math.ceil(hidden_states.shape[0] / self.chunk_size))
+        num_chunks = self.prepare_finalize.agree_num_chunks(local_chunks, device)
+        if rejected is not None:
+            raise rejected
+        if num_chunks >= _REJECTED_CHUNKS:
+            raise ValueError(
+                "another rank of the expert-parallel group rejected its MoE inputs (its error names the "
+                "problem); no rank dispatched"
             )
-        if not self.experts.supports_expert_map and expert_map is not None:
-            raise ValueError(f"{type(self.experts).__name__} does not support expert_map")
         m = hidden_states.shape[0]
         out_dtype = hidden_states.dtype
         output = hidden_states if inplace else torch.empty_like(hidden_states)
-
-        local_chunks = max(1, math.ceil(m / self.chunk_size))
-        num_chunks = self.prepare_finalize.agree_num_chunks(local_chunks, hidden_states.device)
         shared_out = None
         for chunk in range(num_chunks):
             start = min(chunk * self.chunk_size, m)

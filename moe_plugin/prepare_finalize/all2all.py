@@ -328,6 +328,9 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
             self._tables[device] = tables
         return tables
 
+    def check_inputs(self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map) -> None:
+        self._check_inputs(hidden_states, topk_weights, topk_ids, num_experts, expert_map)
+
     def _check_inputs(self, hidden_states, topk_weights, topk_ids, num_experts, expert_map) -> None:
         c = self.config
         if hidden_states.dim() != 2 or hidden_states.shape[1] != c.hidden_size:
@@ -481,7 +484,9 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         fields: list[tuple[torch.Tensor, torch.dtype, int]] = [(ids, torch.int32, top_k), (weights, torch.float32, top_k)]
         send_scale = scale is not None and (self.quant.block_shape is not None or self.quant.per_act_token)
         if send_scale:
-            scale = scale.float().reshape(m, -1)
+            # An explicit width: a rank with no tokens has nothing to infer -1 from, and must still join
+            # the dispatch its peers are waiting in.
+            scale = scale.float().reshape(m, scale.shape[-1] if scale.dim() else 1)
             fields.append((scale, torch.float32, scale.shape[1]))
         fields.append((a1, a1.dtype, c.hidden_size))
         byte_fields = [_as_bytes(t) for t, _, _ in fields]

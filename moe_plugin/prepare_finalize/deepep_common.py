@@ -542,6 +542,10 @@ class DeepEPPrepareAndFinalizeBase(AsyncPrepareAndFinalize):
             self._buffer_request = dict(group=process_group(self.ep), **self._buffer_sizes())
         return get_buffer(**self._buffer_request)
 
+    def check_inputs(self, hidden_states, topk_weights, topk_ids, *, num_experts, expert_map) -> None:
+        self._check_hidden_states(hidden_states)
+        self._check_num_experts(num_experts)
+
     def _check_hidden_states(self, hidden_states: torch.Tensor) -> None:
         if hidden_states.device.type != "cuda":
             raise ValueError(f"DeepEP dispatches CUDA tensors, hidden_states is on {hidden_states.device}")

@@ -197,6 +197,9 @@ def cases(ctx: Ctx) -> dict:
         c[f"{fmt}_rank_with_no_tokens"] = lambda b=batched: run_ep_case(
             ctx, batched=b, e=e, ms=[9, 0, 5, 3], seed=4)
         c[f"{fmt}_round_robin"] = lambda b=batched: run_ep_case(ctx, batched=b, e=e, placement="round_robin", seed=5)
+        # FP8 scales travel with the rows: a rank with no tokens still sends a (zero-row) scale field.
+        c[f"{fmt}_fp8_rank_with_no_tokens"] = lambda b=batched: run_ep_case(
+            ctx, batched=b, e=e, dtype="bf16", quant=fp8, k=256, n=128, ms=[6, 0, 5, 3], seed=10)
     # Different chunk counts per rank: agree_num_chunks must keep the collectives in step.
     c["std_uneven_chunks"] = lambda: run_ep_case(ctx, e=e, ms=[13, 2, 0, 7], chunk_size=4, seed=6)
     c["bat_uneven_chunks"] = lambda: run_ep_case(ctx, batched=True, e=e, ms=[11, 3, 0, 9], max_num_tokens=4, seed=7)
@@ -204,6 +207,9 @@ def cases(ctx: Ctx) -> dict:
     c["bat_router_weight_on_input"] = lambda: run_ep_case(ctx, batched=True, e=e, top_k=1, apply_on_input=True, seed=8)
     c["std_fp8_per_token"] = lambda: run_ep_case(
         ctx, e=e, dtype="bf16", quant=QuantConfig(QuantScheme.FP8_W8A8, per_act_token=True), seed=9)
+    c["std_fp8_per_token_uneven_chunks"] = lambda: run_ep_case(
+        ctx, e=e, dtype="bf16", quant=QuantConfig(QuantScheme.FP8_W8A8, per_act_token=True), ms=[6, 2, 0, 5],
+        chunk_size=4, seed=11)
     c["std_fp8_per_tensor_static"] = lambda: case_fp8_per_tensor(ctx, e, static=True)
     c["std_fp8_per_tensor_dynamic"] = lambda: case_fp8_per_tensor(ctx, e, static=False)
     c["stats_and_dedup"] = lambda: case_stats(ctx, e)
@@ -215,6 +221,8 @@ def cases(ctx: Ctx) -> dict:
     c["ep_rank_mismatch_detected"] = lambda: case_rank_mismatch(ctx, e)
     c["bad_inputs_rejected"] = lambda: case_bad_inputs(ctx, e)
     c["bat_duplicate_ids_rejected_by_sender"] = lambda: case_duplicate_ids(ctx, e)
+    c["one_rank_bad_ids_every_rank_raises"] = lambda: case_one_rank_rejects_its_inputs(ctx, e, "ids")
+    c["one_rank_bad_dtype_every_rank_raises"] = lambda: case_one_rank_rejects_its_inputs(ctx, e, "dtype")
     return c
 
 
@@ -402,6 +410,35 @@ def case_bad_inputs(ctx: Ctx, e: int):
     ):
         problems += [f"{name}: {p}" for p in _expect_error(fn, exc, needle)["problems"]]
     return {"problems": problems}
+
+
+def case_one_rank_rejects_its_inputs(ctx: Ctx, e: int, what: str):
+    """Bad inputs on the last rank only, through ModularKernel: every rank raises at once (the bad one its
+    own error, the others that a peer rejected) instead of waiting in a collective, and the group still
+    works for the next call."""
+    cfg = MoEConfig(e, 2, 32, 16, dtype=torch.float32, parallel=ParallelConfig(ctx.world, ctx.rank))
+    kernel = build_kernel(ctx, cfg, batched=False)
+    w = make_weights(e, 32, 16, torch.float32, QuantConfig(), seed=12)
+    lw = local_weights(w, cfg, ctx.device)
+    emap = build_expert_map(e, cfg.parallel, ctx.device)
+    x, tw, ids = (t.to(ctx.device) for t in make_tokens(ctx.rank, 5, 32, e, 2, torch.float32, 12, None))
+    bad = ctx.rank == ctx.world - 1
+    if bad and what == "ids":
+        ids = ids.clone()
+        ids[2, 1] = e + 3
+    elif bad:  # hidden_states of another dtype: the all-to-all refuses it in its own check
+        x = x.double()
+    needle = ("topk_ids" if what == "ids" else "dtype") if bad else "another rank of the expert-parallel group"
+    exc = ValueError if (bad and what == "ids") or not bad else TypeError
+    out = _expect_error(lambda: kernel(x, lw, tw, ids, expert_map=emap), exc, needle)
+    if ctx.world == 1 and not bad:
+        out = {"problems": []}
+    x, tw, ids = (t.to(ctx.device) for t in make_tokens(ctx.rank, 5, 32, e, 2, torch.float32, 13, None))
+    good = kernel(x, lw, tw, ids, expert_map=emap)  # the group still works
+    ref_naive, _ = references(x.cpu(), tw.cpu(), ids.cpu(), w, cfg)
+    if rel_err(good, ref_naive) > TOL["fp32"]["naive"]:
+        out["problems"].append(f"call after the rejection is wrong: {rel_err(good, ref_naive)}")
+    return out
 
 
 def case_duplicate_ids(ctx: Ctx, e: int):
