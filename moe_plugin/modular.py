@@ -160,6 +160,9 @@ class PrepareAndFinalize(ABC):
     experts_rows_are_caller_tokens: ClassVar[bool] = False
     """True when prepare hands the experts the caller's own tokens in order (no communication, no
     reordering): experts that weight and reduce themselves may then write straight into the output."""
+    num_local_experts: int | None = None
+    """Local experts the backend lays its buffers out for (None: whatever the weights hold);
+    ``ModularKernel`` refuses weights with another count."""
     can_leave_quant_to_experts: ClassVar[bool] = False
     """True when prepare sends nothing over a wire, so activations need not be quantized before it. Such a
     backend's ``prepare`` takes a keyword ``leave_quant_to_experts``: ``ModularKernel`` passes True when its
@@ -463,6 +466,12 @@ class ModularKernel:
                 )
             if not self.experts.supports_expert_map and expert_map is not None:
                 raise ValueError(f"{type(self.experts).__name__} does not support expert_map")
+            laid_out = self.prepare_finalize.num_local_experts
+            if laid_out is not None and weights.num_local_experts != laid_out:
+                raise ValueError(
+                    f"weights hold {weights.num_local_experts} local experts (w1.shape[0]) but "
+                    f"{type(self.prepare_finalize).__name__} was built for num_local_experts={laid_out}"
+                )
         except (ValueError, TypeError) as exc:
             rejected = exc
         device = hidden_states.device if isinstance(hidden_states, torch.Tensor) else torch.device("cpu")

@@ -109,8 +109,12 @@ def _check_weight_scale(name: str, scale, quant: QuantConfig, e: int, rows: int,
     shape = tuple(scale.shape)
     ok = shape == want
     if not ok and quant.block_shape is None:
-        # per-tensor [E] may come as [E, 1, 1]; per-channel [E, rows, 1] as [E, rows]
-        ok = scale.numel() == math.prod(want) and shape[0] == e
+        # per-tensor [E] may come as [E, 1, 1]; per-channel [E, rows, 1] as [E, rows] or [E, 1, rows]
+        ok = (
+            scale.numel() == math.prod(want)
+            and shape[0] == e
+            and sum(1 for size in shape[1:] if size != 1) <= 1
+        )
     if not ok:
         raise ValueError(f"{name} must have shape {want} for {quant.name} weights of shape [{e}, {rows}, {cols}], got {shape}")
     check_same_device(name, scale, device)

@@ -137,3 +137,15 @@ def test_batched_prepare_rejects_overflow_without_chunking():
 def test_abstract_halves_cannot_be_instantiated():
     with pytest.raises(TypeError):
         PermuteExpertsUnpermute(config())
+
+
+def test_batched_prepare_refuses_weights_with_another_expert_count():
+    # A batched layout built for 3 experts would drop every slot of expert 3 (treated as owned elsewhere).
+    cfg = config(e=4)
+    x, w1, w2, w, ids = make_case(6, 4, 2, 32, 16, dtype=torch.float32, seed=3)
+    weights = ExpertWeights(w1, w2)
+    kernel = ModularKernel(BatchedLocalPrepareAndFinalize(QuantConfig(), 8, 3), BatchedTorchExperts(cfg))
+    with pytest.raises(ValueError, match=r"weights hold 4 local experts .* num_local_experts=3"):
+        kernel(x, weights, w, ids)
+    right = ModularKernel(BatchedLocalPrepareAndFinalize(QuantConfig(), 8, 4), BatchedTorchExperts(cfg))
+    assert rel_err(right(x, weights, w, ids), naive.moe(x, w1, w2, w, ids)) < 1e-5

@@ -707,7 +707,8 @@ if tl is not None:
                     out = out * w[:, None]
 
                 c_rows = rows.to(tl.int64)
-                c_base = c_ptr + e64 * stride_ce + split * stride_cs
+                # int64: split * (slots * N) passes 2**31 at prefill sizes while both factors fit int32
+                c_base = c_ptr + e64 * stride_ce + split.to(tl.int64) * stride_cs
                 c_ptrs = c_base + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
                 c_mask = row_mask[:, None] & (offs_n[None, :] < N)
                 if OUT_QUANT:
@@ -775,7 +776,9 @@ def _weight_scale_strides(scale: torch.Tensor | None, quant_mode: str) -> tuple[
         return scale.stride(0), scale.stride(1), scale.stride(2)
     if scale.dim() == 1 or scale[0].numel() == 1:
         return scale.stride(0), 0, 0
-    return scale.stride(0), scale.stride(1), 0
+    # Per channel: [E, R, 1], [E, R] or [E, 1, R]; the rows run along the one non-unit dimension.
+    row_dim = next(d for d in range(1, scale.dim()) if scale.shape[d] != 1)
+    return scale.stride(0), scale.stride(row_dim), 0
 
 
 def _act_scale_strides(scale: torch.Tensor | None, quant_mode: str) -> tuple[int, int, int]:

@@ -212,8 +212,9 @@ def _moe_sum_kernel(
                 e = tl.load(expert_map_ptr + e, mask=t_mask & (e >= 0), other=-1)
             ok = t_mask & (e >= 0) & (e < num_experts)
         for sp in tl.static_range(SPLIT_K):
+            # int64: split * (slots * K) passes 2**31 at prefill sizes while both factors fit int32
             y = tl.load(
-                x_ptr + sp * stride_xs + rows[:, None] * stride_xm + j * stride_xj + cols[None, :] * stride_xk,
+                x_ptr + sp * stride_xs.to(tl.int64) + rows[:, None] * stride_xm + j * stride_xj + cols[None, :] * stride_xk,
                 mask=ok[:, None] & k_mask[None, :],
                 other=0.0,
             )

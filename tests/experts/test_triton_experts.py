@@ -285,6 +285,28 @@ def test_fp8_per_tensor_and_per_channel(per_act_token):
     assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 0.1
 
 
+@pytest.mark.parametrize("layout", ["e_r", "e_1_r"])
+def test_fp8_per_channel_scales_in_every_accepted_shape(layout):
+    # [E, R, 1] is the canonical per-channel layout; [E, R] and [E, 1, R] hold the same values and must
+    # give the same result (the rows run along whichever dimension is not 1).
+    m, e, top_k, hidden, inter = 6, 3, 2, 32, 16
+    x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float32, seed=19)
+    w1s = w1.abs().amax(dim=2, keepdim=True) / 448.0
+    w2s = w2.abs().amax(dim=2, keepdim=True) / 448.0
+    w1q, w2q = (w1 / w1s).to(FP8), (w2 / w2s).to(FP8)
+    quant = QuantConfig(QuantScheme.FP8_W8A8, None, per_act_token=True)
+    cfg = moe_config(e, top_k, hidden, inter, torch.float32, quant=quant)
+    canonical = run_standard(TritonExperts(cfg, small_cfg()), cfg, x, ExpertWeights(w1q, w2q, w1s, w2s), w, ids)
+    shaped = {"e_r": lambda s_: s_.reshape(e, -1), "e_1_r": lambda s_: s_.reshape(e, 1, -1)}[layout]
+    other = run_standard(
+        TritonExperts(cfg, small_cfg()), cfg, x, ExpertWeights(w1q, w2q, shaped(w1s), shaped(w2s)), w, ids
+    )
+    assert torch.isfinite(other).all() and torch.equal(other, canonical)
+    with pytest.raises(ValueError, match="w1_scale must have shape"):
+        run_standard(TritonExperts(cfg, small_cfg()), cfg, x,
+                     ExpertWeights(w1q, w2q, w1s.reshape(e, 2, -1), w2s), w, ids)
+
+
 def batched_run(experts_cls, cfg, x, weights, w, ids, expert_map=None, max_tokens=16, num_local=None):
     pf = BatchedLocalPrepareAndFinalize(cfg.quant, max_tokens, num_local or weights.num_local_experts)
     return ModularKernel(pf, experts_cls(cfg))(
