@@ -202,6 +202,8 @@ def select(
                     other.ok, other.reason = False, f"{what} forced to {forced!r}"
 
     chosen: tuple[Verdict, Verdict] | None = None
+    # A usable backend passed over for want of a partner says so, whichever way the search ends.
+    unpaired: dict[str, str] = {}
     for pf in pf_verdicts:
         if not pf.ok:
             continue
@@ -211,13 +213,22 @@ def select(
                 break
         if chosen:
             break
+        unpaired[pf.name] = f"no usable experts backend takes the {pf.cls.activation_format.value} format"
     if chosen is None:
+        for verdicts in (pf_verdicts, ex_verdicts):
+            for v in verdicts:
+                if v.ok:
+                    v.reason = unpaired.get(
+                        v.name, f"no usable prepare_finalize backend produces the {v.cls.activation_format.value} format"
+                    )
         sel = Selection(None, None, pf_verdicts, ex_verdicts, caps)  # type: ignore[arg-type]
         raise BackendUnavailableError("no backend pair can serve this config:\n" + sel.explain())
     pf_choice, ex_choice = chosen
     for v in pf_verdicts:
         if v is pf_choice:
             v.reason = "chosen"
+        elif v.name in unpaired:
+            v.reason = unpaired[v.name]
         elif v.ok:
             v.reason = f"lower priority than {pf_choice.name}"
     for v in ex_verdicts:

@@ -52,6 +52,26 @@ def test_forced_backend_that_cannot_run_says_why():
         select(ep, caps=cpu_caps(), prepare_finalize="local")
 
 
+def verdict_of(text, name):
+    return next(l.split(None, 1)[1].strip() for l in text.splitlines() if l.strip().split(" ")[0] == name)
+
+
+def test_explain_says_why_a_higher_backend_went_unpaired():
+    # Forcing a batched experts backend leaves the (higher-priority) local prepare without a partner: that,
+    # not a lower priority, is why it lost.
+    text = select(CFG, caps=cpu_caps(), experts="batched_torch").explain()
+    assert verdict_of(text, "batched_local") == "chosen"
+    assert verdict_of(text, "local") == "no usable experts backend takes the standard format"
+
+
+def test_no_pair_explains_every_usable_candidate():
+    with pytest.raises(BackendUnavailableError) as info:
+        select(CFG, caps=cpu_caps(), experts="batched_torch", prepare_finalize="local")
+    text = str(info.value)
+    assert verdict_of(text, "local") == "no usable experts backend takes the standard format"
+    assert verdict_of(text, "batched_torch") == "no usable prepare_finalize backend produces the batched format"
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="unknown experts backend"):
         select(CFG, caps=cpu_caps(), experts="nope")
