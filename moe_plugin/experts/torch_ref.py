@@ -3,7 +3,8 @@
 Routed slots are sorted by expert once; each active expert then does one GEMM1, the activation and one
 GEMM2 on all of its rows at once -- no Python loop over tokens. Correct on any device for
 bf16/fp16/fp32 and FP8 w8a8 (dequantizing: fp32 GEMMs on dequantized operands, with the intermediate
-activation re-quantized exactly as a fused FP8 kernel would before GEMM2).
+activation re-quantized exactly as a fused FP8 kernel would before GEMM2 -- dynamic per-tensor scales
+taken over every expert's rows at once).
 """
 
 from __future__ import annotations
@@ -33,27 +34,34 @@ def _requantize(x: torch.Tensor, quant: QuantConfig, static_scale: torch.Tensor 
     return dequant_activation(q, s, quant)
 
 
-def _expert_mlp(
-    x: torch.Tensor,
-    e: int,
-    weights: ExpertWeights,
-    activation: str,
-    quant: QuantConfig,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """GEMM1 -> activation -> (requant) -> GEMM2 for the rows of one expert; fp32 out when quantized."""
+def _gemm1_act(x: torch.Tensor, e: int, weights: ExpertWeights, activation: str, quant: QuantConfig,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """GEMM1 -> activation for the rows of one expert."""
     w1 = dequant_expert_weight(weights.w1[e], weights.w1_scale[e] if quant.is_quantized else None, quant)
-    w2 = dequant_expert_weight(weights.w2[e], weights.w2_scale[e] if quant.is_quantized else None, quant)
     if quant.is_quantized:
-        h = (x @ w1.t()).to(out_dtype)
-        a = apply_activation(activation, h)
-        a = _requantize(a, quant, weights.a2_scale)
-        return a @ w2.t()
+        return apply_activation(activation, (x @ w1.t()).to(out_dtype))
     # fp32 intermediate: rounding GEMM1's output to 16 bits before the activation costs accuracy (2.6x
     # the error of vLLM's CPU kernel on a bf16 model), which flips greedy tokens in real generations.
-    h = x.float() @ w1.float().t()
-    a = apply_activation(activation, h)
+    return apply_activation(activation, x.float() @ w1.float().t())
+
+
+def _gemm2(a: torch.Tensor, e: int, weights: ExpertWeights, quant: QuantConfig,
+           a2_scale: torch.Tensor | None) -> torch.Tensor:
+    """(requant) -> GEMM2 for the rows of one expert; fp32 out."""
+    w2 = dequant_expert_weight(weights.w2[e], weights.w2_scale[e] if quant.is_quantized else None, quant)
+    if quant.is_quantized:
+        return _requantize(a, quant, a2_scale) @ w2.t()
     return a @ w2.float().t()
+
+
+def _intermediate_scale(acts: list[torch.Tensor], quant: QuantConfig, static: torch.Tensor | None):
+    """The per-tensor scale of GEMM2's input: the static one, or -- dynamic per-tensor FP8 -- one scale over
+    every expert's rows at once, as the fused kernels take it (per-expert scales would differ from them)."""
+    if not quant.is_quantized or quant.block_shape is not None or quant.per_act_token or static is not None:
+        return static
+    if not acts:
+        return None
+    return quantize_activation(torch.cat([a.reshape(-1) for a in acts]).unsqueeze(0), quant)[1]
 
 
 class TorchExperts(PermuteExpertsUnpermute):
@@ -105,14 +113,16 @@ class TorchExperts(PermuteExpertsUnpermute):
         x = dequant_activation(hidden_states, a1q_scale, quant)
         acc = torch.zeros(m, output.shape[-1], dtype=torch.float32, device=output.device)
         flat_weights = topk_weights.reshape(-1)
-        start = 0
+        groups, start = [], 0
         for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[start : start + count]
+            if count:
+                slots = order[start : start + count]
+                groups.append((e, slots, torch.div(slots, top_k, rounding_mode="floor")))
             start += count
-            tokens = torch.div(slots, top_k, rounding_mode="floor")
-            y = _expert_mlp(x[tokens], e, weights, activation, quant, output.dtype).float()
+        acts = [_gemm1_act(x[tokens], e, weights, activation, quant, output.dtype) for e, _, tokens in groups]
+        a2_scale = _intermediate_scale(acts, quant, weights.a2_scale)
+        for (e, slots, tokens), a in zip(groups, acts):
+            y = _gemm2(a, e, weights, quant, a2_scale).float()
             if not apply_router_weight_on_input:
                 y = y * flat_weights[slots].unsqueeze(1)
             acc.index_add_(0, tokens, y)
@@ -163,11 +173,14 @@ class BatchedTorchExperts(PermuteExpertsUnpermute):
         if counts_t is None:
             counts_t = expert_tokens_meta.expert_num_tokens.cpu()
         quant = self.quant
-        for e, count in enumerate(counts_t.tolist()):
-            if count == 0:
-                continue
+        active = [(e, count) for e, count in enumerate(counts_t.tolist()) if count]
+        acts = []
+        for e, count in active:
             x = hidden_states[e, :count]
             if quant.is_quantized:
                 scale = a1q_scale if a1q_scale.numel() == 1 else a1q_scale[e, :count]
                 x = dequant_activation(x, scale, quant)
-            output[e, :count] = _expert_mlp(x, e, weights, activation, quant, output.dtype).to(output.dtype)
+            acts.append(_gemm1_act(x, e, weights, activation, quant, output.dtype))
+        a2_scale = _intermediate_scale(acts, quant, weights.a2_scale)
+        for (e, count), a in zip(active, acts):
+            output[e, :count] = _gemm2(a, e, weights, quant, a2_scale).to(output.dtype)

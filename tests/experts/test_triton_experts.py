@@ -285,6 +285,46 @@ def test_fp8_per_tensor_and_per_channel(per_act_token):
     assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 0.1
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_dynamic_per_tensor_fp8_reference_takes_one_scale_over_all_experts(batched):
+    # The fused kernels quantize GEMM2's input with one scale over every routed row; the torch reference
+    # must too (per-expert scales put it ~2e-3 away). Against a plain float64 loop written that way.
+    m, e, top_k, hidden, inter = 7, 3, 2, 32, 16
+    x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float32, seed=23)
+    w1s, w2s = w1.abs().amax(dim=(1, 2)) / 448.0, w2.abs().amax(dim=(1, 2)) / 448.0
+    w1q, w2q = (w1 / w1s.reshape(e, 1, 1)).to(FP8), (w2 / w2s.reshape(e, 1, 1)).to(FP8)
+    quant = QuantConfig(QuantScheme.FP8_W8A8, None)
+    cfg = moe_config(e, top_k, hidden, inter, torch.float32, quant=quant)
+    weights = ExpertWeights(w1q, w2q, w1s, w2s)
+    with torch_ops():
+        if batched:
+            got = batched_run(BatchedTorchExperts, cfg, x, weights, w, ids)
+        else:
+            got = run_standard(TorchExperts(cfg), cfg, x, weights, w, ids)
+
+    def fp8_round_trip(t, scale):
+        return (t / scale).clamp(-448, 448).to(FP8).double() * scale
+
+    xd = x.double()
+    s1 = max(float(xd.abs().max()), 1e-10) / 448.0
+    xq = fp8_round_trip(xd, s1)
+    w1d, w2d = w1q.double() * w1s.double().reshape(e, 1, 1), w2q.double() * w2s.double().reshape(e, 1, 1)
+    acts = {}
+    for t in range(m):
+        for j in range(top_k):
+            ex = int(ids[t, j])
+            h = xq[t] @ w1d[ex].t()
+            acts[t, j] = torch.nn.functional.silu(h[:inter].float()).double() * h[inter:]
+    s2 = max(float(torch.stack(list(acts.values())).abs().max()), 1e-10) / 448.0
+    ref = torch.zeros(m, hidden, dtype=torch.float64)
+    for (t, j), a in acts.items():
+        ref[t] += float(w[t, j]) * (fp8_round_trip(a, s2) @ w2d[int(ids[t, j])].t())
+    assert rel_err(got, ref) < 2e-4
+    if not batched:
+        tri = run_standard(TritonExperts(cfg, small_cfg()), cfg, x, weights, w, ids)
+        assert rel_err(tri, got) < 2e-4
+
+
 @pytest.mark.parametrize("layout", ["e_r", "e_1_r"])
 def test_fp8_per_channel_scales_in_every_accepted_shape(layout):
     # [E, R, 1] is the canonical per-channel layout; [E, R] and [E, 1, R] hold the same values and must
