@@ -139,20 +139,40 @@ class LaunchConfig:
         if unknown:
             raise ValueError(f"unknown launch config keys {sorted(unknown)}; known: {sorted(known)}")
 
+        def integer(src: dict[str, Any], key: str, default: int | None = None) -> int:
+            if key not in src:
+                if default is None:
+                    raise ValueError(f"launch config needs {key}")
+                return default
+            value = src[key]
+            # bool is an int in Python, and 16.7 must not become 16 silently
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"launch config {key} must be an int, got {value!r}")
+            return value
+
         def gemm(src: dict[str, Any], base: dict[str, Any]) -> GemmLaunch:
             merged = {**base, **src}
             return GemmLaunch(
-                block_m=int(merged["BLOCK_SIZE_M"]),
-                block_n=int(merged["BLOCK_SIZE_N"]),
-                block_k=int(merged["BLOCK_SIZE_K"]),
-                group_m=int(merged.get("GROUP_SIZE_M", 1)),
-                num_warps=int(merged.get("num_warps", 4)),
-                num_stages=int(merged.get("num_stages", 3)),
-                split_k=int(merged.get("SPLIT_K", 1)),
+                block_m=integer(merged, "BLOCK_SIZE_M"),
+                block_n=integer(merged, "BLOCK_SIZE_N"),
+                block_k=integer(merged, "BLOCK_SIZE_K"),
+                group_m=integer(merged, "GROUP_SIZE_M", 1),
+                num_warps=integer(merged, "num_warps", 4),
+                num_stages=integer(merged, "num_stages", 3),
+                split_k=integer(merged, "SPLIT_K", 1),
             )
 
+        g2_raw = d.get("gemm2", {})
+        if not isinstance(g2_raw, dict):
+            raise ValueError(f"launch config gemm2 must be a dict of GEMM2's keys, got {g2_raw!r}")
+        g2_known = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages", "SPLIT_K"}
+        if set(g2_raw) - g2_known:
+            raise ValueError(f"unknown gemm2 keys {sorted(set(g2_raw) - g2_known)}; known: {sorted(g2_known)}")
+        persistent = d.get("persistent", False)
+        if not isinstance(persistent, bool):
+            raise ValueError(f"launch config persistent must be true or false, got {persistent!r}")
         base = {k: v for k, v in d.items() if k not in ("gemm2", "routing", "persistent", "SPLIT_K")}
-        g2 = dict(d.get("gemm2", {}))
+        g2 = dict(g2_raw)
         if "SPLIT_K" in d:
             g2.setdefault("SPLIT_K", d["SPLIT_K"])
         if "BLOCK_SIZE_M" in g2 and g2["BLOCK_SIZE_M"] != d["BLOCK_SIZE_M"]:
@@ -161,7 +181,7 @@ class LaunchConfig:
             gemm1=gemm({}, base),
             gemm2=gemm(g2, base),
             routing=str(d.get("routing", "auto")),
-            persistent=bool(d.get("persistent", False)),
+            persistent=persistent,
             source=source,
         )
 
@@ -210,16 +230,27 @@ def config_file_name(
 
 
 @functools.lru_cache(maxsize=64)
-def _load_config_file(path: str, mtime: float) -> dict[int, dict[str, Any]]:
-    with open(path) as f:
-        raw = json.load(f)
+def _load_config_file(path: str, mtime: float) -> dict[int, LaunchConfig]:
+    """Every entry of a config file, parsed and checked at once: an error names the file and the entry."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"launch config file {path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object mapping M to a launch config")
     table = {}
     for key, value in raw.items():
         if key.startswith("_"):
             continue  # metadata (tuning provenance)
-        table[int(key)] = value
+        try:
+            m = int(key)
+        except ValueError:
+            raise ValueError(f"{path}: key {key!r} is not a token count (M)") from None
+        try:
+            table[m] = LaunchConfig.from_dict(value, source=f"{Path(path).name}[{m}]")
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}[{key}]: {exc}") from exc
     return table
 
 
@@ -252,7 +283,7 @@ def lookup_config_file(file_name: str, m: int) -> LaunchConfig | None:
         key = min(keys, key=lambda k: (abs(math.log2(k / m)), k))
         if max(key, m) / min(key, m) > LOOKUP_MAX_RATIO:
             return None
-        return LaunchConfig.from_dict(table[key], source=f"{path.name}[{key}]")
+        return table[key]
     return None
 
 

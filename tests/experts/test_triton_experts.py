@@ -589,6 +589,40 @@ def test_launch_config_rejects_bad_entries():
     assert round_trip == small_cfg(32, 64, 16, bn2=128, split_k=4)
 
 
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"four": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}}', "key 'four' is not a token count"),
+        ('{"8": {"BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}}', r"\[8\]: launch config needs BLOCK_SIZE_M"),
+        ('{"8": {"BLOCK_SIZE_M": 16.7, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16}}', "BLOCK_SIZE_M must be an int, got 16.7"),
+        ('{"8": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "gemm2": null}}', "gemm2 must be a dict"),
+        ('{"8": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "gemm2": {"BLOCK_N": 32}}}',
+         r"unknown gemm2 keys \['BLOCK_N'\]"),
+        ('{"8": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 16, "BLOCK_SIZE_K": 16, "persistent": "false"}}',
+         "persistent must be true or false"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_config_file_names_the_file_and_entry(tmp_path, monkeypatch, content, needle):
+    name = fm.config_file_name(8, 40, "cpu", "fp32")
+    (tmp_path / name).write_text(content)
+    monkeypatch.setenv(fm.CONFIG_DIR_ENV, str(tmp_path))
+    kw = dict(num_local=8, num_global=8, n=40, k=32, top_k=2, dtype=torch.float32, quant=QuantConfig(), device="cpu")
+    with pytest.raises(ValueError, match=needle) as info:
+        fm.get_launch_config(8, **kw)
+    assert name in str(info.value)
+
+
+def test_every_shipped_config_file_parses():
+    # The stricter parser must accept what tune.py wrote (ints, booleans, known keys).
+    paths = sorted(fm.CONFIG_DIR.glob("*.json"))
+    assert paths
+    for path in paths:
+        table = fm._load_config_file(str(path), path.stat().st_mtime)
+        assert table and all(isinstance(c, LaunchConfig) for c in table.values()), path.name
+
+
 def test_ep_config_runs_with_expert_map_through_modular_kernel():
     # The same EP shard through ModularKernel (expert_map, global ids) against the torch experts.
     m, e_global, top_k, hidden, inter = 9, 16, 4, 32, 16
