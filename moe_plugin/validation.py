@@ -120,6 +120,24 @@ def _check_weight_scale(name: str, scale, quant: QuantConfig, e: int, rows: int,
     check_same_device(name, scale, device)
 
 
+def _check_activation_scales(weights: "ExpertWeights", quant: QuantConfig, device: torch.device) -> None:
+    """Static activation scales: one positive fp32 value each, per-tensor FP8 only."""
+    for name in ("a1_scale", "a2_scale"):
+        scale = getattr(weights, name)
+        if scale is None:
+            continue
+        if quant.is_quantized and (quant.block_shape is not None or quant.per_act_token):
+            raise ValueError(f"{name} is a static per-tensor scale; {quant.name} computes activation scales per token")
+        check_tensor(name, scale, dtypes=(torch.float32,))
+        if scale.numel() != 1:
+            raise ValueError(
+                f"{name} must hold one value (a static per-tensor scale), got shape {tuple(scale.shape)}; for "
+                "per-expert input scales pass their maximum, as vLLM does at load time"
+            )
+        check_same_device(name, scale, device)
+        # (its sign is not read back: that would synchronise with the device on every call)
+
+
 def check_moe_inputs(
     hidden_states: torch.Tensor,
     weights: "ExpertWeights",
@@ -168,9 +186,10 @@ def check_moe_inputs(
         for name, w in (("w1", w1), ("w2", w2)):
             if w.dtype != hidden_states.dtype:
                 raise TypeError(f"{name} dtype {w.dtype} must match hidden_states dtype {hidden_states.dtype}")
-        for name in ("w1_scale", "w2_scale"):
+        for name in ("w1_scale", "w2_scale", "a1_scale", "a2_scale"):
             if getattr(weights, name) is not None:
                 raise ValueError(f"{name} given but the quant config is unquantized; pass quant=QuantConfig.fp8_block()")
+    _check_activation_scales(weights, quant, device)
     if not isinstance(global_num_experts, int) or global_num_experts < e:
         raise ValueError(
             f"global_num_experts (and expert_map's length) must be an int >= the {e} local experts in w1, "

@@ -101,3 +101,35 @@ def test_fp8_scheme_needs_fp8_weights():
 def test_bad_config(build, exc, name):
     with pytest.raises(exc, match=name):
         build()
+
+
+def test_static_activation_scales_are_checked():
+    from moe_plugin import ExpertWeights, QuantConfig
+    from moe_plugin.config import QuantScheme
+    from moe_plugin.validation import check_moe_inputs
+
+    fp8 = torch.float8_e4m3fn
+    e, k, n = 3, 32, 16
+    x = torch.randn(4, k)
+    w1, w2 = torch.zeros(e, 2 * n, k, dtype=fp8), torch.zeros(e, k, n, dtype=fp8)
+    per_tensor = QuantConfig(QuantScheme.FP8_W8A8, None)
+    kw = dict(activation="silu", global_num_experts=e, expert_map=None, apply_router_weight_on_input=False)
+    tw, ids = torch.rand(4, 2), torch.zeros(4, 2, dtype=torch.int32)
+
+    def weights(**scales):
+        return ExpertWeights(w1, w2, torch.ones(e), torch.ones(e), **scales)
+
+    check_moe_inputs(x, weights(a1_scale=torch.tensor([0.5]), a2_scale=torch.tensor(0.25)), tw, ids, quant=per_tensor, **kw)
+    with pytest.raises(ValueError, match=r"a1_scale must hold one value .* got shape \(3,\)"):
+        check_moe_inputs(x, weights(a1_scale=torch.ones(e)), tw, ids, quant=per_tensor, **kw)
+    with pytest.raises(TypeError, match="a2_scale must be a torch.Tensor"):
+        check_moe_inputs(x, weights(a2_scale=0.5), tw, ids, quant=per_tensor, **kw)
+    with pytest.raises(TypeError, match="a1_scale must have dtype"):
+        check_moe_inputs(x, weights(a1_scale=torch.ones(1, dtype=torch.float64)), tw, ids, quant=per_tensor, **kw)
+    with pytest.raises(ValueError, match="computes activation scales per token"):
+        block = QuantConfig(QuantScheme.FP8_W8A8, (16, 16))
+        wb = ExpertWeights(w1, w2, torch.ones(e, 2, 2), torch.ones(e, 2, 1), a1_scale=torch.ones(1))
+        check_moe_inputs(x, wb, tw, ids, quant=block, **kw)
+    with pytest.raises(ValueError, match="a1_scale given but the quant config is unquantized"):
+        check_moe_inputs(x, ExpertWeights(torch.zeros(e, 2 * n, k), torch.zeros(e, k, n), a1_scale=torch.ones(1)),
+                         tw, ids, quant=QuantConfig(), **kw)
