@@ -124,6 +124,13 @@ class FusedMoE(nn.Module):
         self.layer_name = f"moe_plugin.FusedMoE.{next(_LAYER_IDS)}"
         _LAYERS[self.layer_name] = self
 
+    def __setstate__(self, state) -> None:
+        # A copy (copy.deepcopy, unpickling) is a layer of its own: the custom op must reach it by a name
+        # of its own, not the original's.
+        super().__setstate__(state)
+        self.layer_name = f"moe_plugin.FusedMoE.{next(_LAYER_IDS)}"
+        _LAYERS[self.layer_name] = self
+
     # ---- forward ---------------------------------------------------------------------------------
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.use_grouped_topk:

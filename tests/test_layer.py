@@ -174,3 +174,25 @@ def test_fp8_layer_refuses_16bit_weights():
     layer = FusedMoE(MoEConfig(4, 2, 256, 128, dtype=torch.bfloat16, quant=QuantConfig.fp8_block()))
     with pytest.raises(TypeError, match="experts.1.down must be float8_e4m3fn"):
         layer.load_expert(1, down=torch.randn(256, 128, dtype=torch.bfloat16))
+
+
+def test_a_deep_copy_runs_its_own_weights():
+    import copy
+    import gc
+
+    cfg = MoEConfig(E, K_TOP, H, N, dtype=torch.float32)
+    layer = FusedMoE(cfg)
+    w1, w2 = stacked(hf_weights(seed=3))
+    layer.load_weights([("experts.w13_weight", w1), ("experts.w2_weight", w2)])
+    x, logits = torch.randn(6, H), torch.randn(6, E)
+    before = layer(x, logits)
+    twin = copy.deepcopy(layer)
+    assert twin.layer_name != layer.layer_name
+    assert torch.equal(twin(x, logits), before)
+    with torch.no_grad():
+        twin.w2_weight.zero_()
+    assert bool((twin(x, logits) == 0).all())
+    assert torch.equal(layer(x, logits), before)  # the original still runs its own weights
+    del layer
+    gc.collect()
+    assert bool((twin(x, logits) == 0).all())  # and the copy outlives it
