@@ -466,6 +466,15 @@ class ModularKernel:
                 )
             if not self.experts.supports_expert_map and expert_map is not None:
                 raise ValueError(f"{type(self.experts).__name__} does not support expert_map")
+            if shared_experts_input is not None and (
+                not isinstance(shared_experts_input, torch.Tensor)
+                or shared_experts_input.dim() != 2
+                or shared_experts_input.shape[0] != hidden_states.shape[0]
+            ):
+                raise ValueError(
+                    f"shared_experts_input must be [M={hidden_states.shape[0]}, K'] like hidden_states' rows, got "
+                    f"{tuple(getattr(shared_experts_input, 'shape', ())) or type(shared_experts_input).__name__}"
+                )
             laid_out = self.prepare_finalize.num_local_experts
             if laid_out is not None and weights.num_local_experts != laid_out:
                 raise ValueError(

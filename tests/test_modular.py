@@ -97,6 +97,12 @@ def test_shared_experts_added_and_overlapped_once():
         ref = naive.moe(x, w1, w2, w, ids) + shared(x).double()
     assert calls == [10]  # once over all tokens, not per chunk
     assert rel_err(out, ref) < 1e-5
+    with torch.no_grad():
+        other = torch.randn(10, 32)
+        out2 = kernel(x, ExpertWeights(w1, w2), w, ids, shared_experts_input=other)
+        assert rel_err(out2, naive.moe(x, w1, w2, w, ids) + shared(other).double()) < 1e-5
+        with pytest.raises(ValueError, match=r"shared_experts_input must be \[M=10, K'\]"):
+            kernel(x, ExpertWeights(w1, w2), w, ids, shared_experts_input=other[:1])
 
 
 @pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig.fp8_block()])
