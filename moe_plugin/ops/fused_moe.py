@@ -1419,6 +1419,14 @@ def fused_experts_triton(
         topk_ids = topk_ids.to(torch.int32)
         topk_weights = topk_weights.float()
     _check_runnable(hidden_states)
+    if isinstance(config, dict):
+        config = LaunchConfig.from_dict(config, source="config argument")
+    elif config is not None and not isinstance(config, LaunchConfig):
+        raise TypeError(f"config must be an ops.fused_moe.LaunchConfig, a dict of its keys or None, got {type(config).__name__}")
+    if quant.block_shape is not None and (quant.block_shape[1] < 16 or quant.block_shape[1] & (quant.block_shape[1] - 1)):
+        raise ValueError(
+            f"quant.block_shape {quant.block_shape}: the Triton kernels need a K block that is a power of two >= 16"
+        )
     m, k_dim = hidden_states.shape
     if out is None:
         out = torch.empty_like(hidden_states)

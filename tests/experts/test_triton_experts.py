@@ -429,6 +429,15 @@ def test_valid_tokens_on_device(routing):
 
 def test_input_validation():
     x, w1, w2, w, ids = make_case(4, 3, 2, 32, 16, dtype=torch.float32)
+    with pytest.raises(TypeError, match="config must be an ops.fused_moe.LaunchConfig"):
+        fused_experts_triton(x, w1, w2, w, ids, config=[16, 16, 16])
+    as_dict = fused_experts_triton(x, w1, w2, w, ids, config=small_cfg().to_dict())
+    assert rel_err(as_dict, naive.moe(x, w1, w2, w, ids)) < 1e-5
+    w1q, s1 = quantize_block_weight(w1.float(), (24, 24))
+    w2q, s2 = quantize_block_weight(w2.float(), (24, 24))
+    with pytest.raises(ValueError, match=r"quant.block_shape \(24, 24\): the Triton kernels need"):
+        fused_experts_triton(x, w1q, w2q, w, ids, w1_scale=s1, w2_scale=s2,
+                             quant=QuantConfig(QuantScheme.FP8_W8A8, (24, 24)))
     with pytest.raises(TypeError, match="topk_ids"):
         fused_experts_triton(x, w1, w2, w, ids.float())
     with pytest.raises(ValueError, match="valid_tokens"):
