@@ -26,7 +26,8 @@ LABELS = {
 
 def load(paths: list[str]) -> tuple[dict, str]:
     """``{shape: {backend: [(M, us), ...]}}`` and a title line from the first file's metadata."""
-    series: dict = defaultdict(lambda: defaultdict(list))
+    # {shape: {backend: {M: us}}}: a point measured in several files is drawn once (the last file's)
+    points: dict = defaultdict(lambda: defaultdict(dict))
     title = ""
     for path in paths:
         with open(path) as f:
@@ -39,7 +40,8 @@ def load(paths: list[str]) -> tuple[dict, str]:
         for row in report.get("results", []):
             if row.get("us") is None or row["backend"].startswith("stage:"):
                 continue
-            series[row["shape"]][row["backend"]].append((row["M"], row["us"]))
+            points[row["shape"]][row["backend"]][row["M"]] = row["us"]
+    series = {shape: {b: sorted(ms.items()) for b, ms in backends.items()} for shape, backends in points.items()}
     return series, title
 
 

@@ -32,9 +32,20 @@ def test_series_leave_out_stages_and_failed_points(tmp_path):
     path.write_text(json.dumps(report))
     series, title = plot.load([str(path)])
     assert sorted(series) == ["s", "t"]
-    assert dict(series["s"]) == {"deep_gemm": [(1024, 10.0), (64, 2.5)]}
+    assert dict(series["s"]) == {"deep_gemm": [(64, 2.5), (1024, 10.0)]}
     assert dict(series["t"]) == {"triton_bf16": [(64, 3.0)]}
     assert title == "GPU X, torch 2.11, CUDA 13.0, DeepGEMM 2.6.1"
+
+
+def test_a_point_in_two_files_is_drawn_once(tmp_path):
+    plot = load_script()
+    paths = []
+    for i, us in enumerate((5.0, 6.0)):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps(dict(results=[dict(shape="s", M=64, backend="deep_gemm", us=us)])))
+        paths.append(str(path))
+    series, _ = plot.load(paths)
+    assert series["s"]["deep_gemm"] == [(64, 6.0)]
 
 
 def test_plot_written_or_a_clear_refusal(tmp_path):
