@@ -281,7 +281,7 @@ def bench_shape(bench: Bench, name: str, tokens: list[int], triton_cls) -> None:
         if "deep_gemm_prequant" in backends:
             dgp = DeepGemmExperts(cfg)
             dgp.quantizes_own_input = False
-            kernelp = ModularKernel(HostCountsPrepare(quant, counts, x) if ep > 1 else LocalPrepareAndFinalize(quant), dgp)
+            kernelp = ModularKernel(pf, dgp)  # a prepare may serve kernels whose experts differ
             bench.record(name, m, "deep_gemm_prequant", lambda: kernelp(x, fp8_weights, w, ids, **kw))
         if "deep_gemm_two_step" in backends:
             dg2 = DeepGemmExperts(cfg)

@@ -486,7 +486,7 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         if send_scale:
             # An explicit width: a rank with no tokens has nothing to infer -1 from, and must still join
             # the dispatch its peers are waiting in.
-            scale = scale.float().reshape(m, scale.shape[-1] if scale.dim() else 1)
+            scale = scale.float().reshape(m, scale.shape[-1])
             fields.append((scale, torch.float32, scale.shape[1]))
         fields.append((a1, a1.dtype, c.hidden_size))
         byte_fields = [_as_bytes(t) for t, _, _ in fields]
