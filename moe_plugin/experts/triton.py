@@ -40,11 +40,10 @@ def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
             return False, "CPU without TRITON_INTERPRET=1: torch reference is faster"
     else:
         return False, f"runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {caps.device_type}"
-    if config.quant.block_shape is not None:
-        bk = config.quant.block_shape[1]
-        if bk < 16 or bk & (bk - 1):
-            return False, f"block_shape {config.quant.block_shape}: the K block must be a power of two >= 16"
-    return True, ""
+    from ..ops.fused_moe import block_shape_problem
+
+    problem = block_shape_problem(config.quant)
+    return (False, problem) if problem else (True, "")
 
 
 class TritonExpertsBase(PermuteExpertsUnpermute):

@@ -208,6 +208,17 @@ class LaunchConfig:
         return out
 
 
+def block_shape_problem(quant: QuantConfig) -> str | None:
+    """Why the Triton kernels cannot take ``quant``'s block shape (their K tiles stay within one scale
+    group, and tiles are powers of two), or None."""
+    if quant.block_shape is None:
+        return None
+    bk = quant.block_shape[1]
+    if bk < 16 or bk & (bk - 1):
+        return f"block_shape {quant.block_shape}: the Triton kernels need a K block that is a power of two >= 16"
+    return None
+
+
 def dtype_tag(dtype: torch.dtype, quant: QuantConfig) -> str:
     """The ``dtype=`` part of a config file name."""
     if quant.is_quantized:
@@ -1423,10 +1434,9 @@ def fused_experts_triton(
         config = LaunchConfig.from_dict(config, source="config argument")
     elif config is not None and not isinstance(config, LaunchConfig):
         raise TypeError(f"config must be an ops.fused_moe.LaunchConfig, a dict of its keys or None, got {type(config).__name__}")
-    if quant.block_shape is not None and (quant.block_shape[1] < 16 or quant.block_shape[1] & (quant.block_shape[1] - 1)):
-        raise ValueError(
-            f"quant.block_shape {quant.block_shape}: the Triton kernels need a K block that is a power of two >= 16"
-        )
+    problem = block_shape_problem(quant)
+    if problem:
+        raise ValueError(f"quant.{problem}")
     m, k_dim = hidden_states.shape
     if out is None:
         out = torch.empty_like(hidden_states)
