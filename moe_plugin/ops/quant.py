@@ -125,15 +125,20 @@ def per_token_quant_fp8(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[t
     return q, scale
 
 
+def per_tensor_scale(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``[1]`` fp32: the dynamic per-tensor scale of ``x``, ``max(amax, eps) / 448``."""
+    # amax of an empty tensor is undefined; any positive scale quantizes no values correctly.
+    amax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
+    return (amax.clamp_min(eps) / FP8_MAX).reshape(1)
+
+
 def per_tensor_quant_fp8(
     x: torch.Tensor, scale: torch.Tensor | None = None, *, eps: float = DEFAULT_EPS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One scale for the whole tensor (computed when ``scale`` is None, else the static one given)."""
     _check_input(x)
     if scale is None:
-        # amax of an empty tensor is undefined; any positive scale quantizes no values correctly.
-        amax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
-        scale = (amax.clamp_min(eps) / FP8_MAX).reshape(1)
+        scale = per_tensor_scale(x, eps=eps)
     else:
         if scale.numel() != 1:
             raise ValueError(f"scale must hold one value for per-tensor quantization, got shape {tuple(scale.shape)}")
