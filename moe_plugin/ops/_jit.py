@@ -133,6 +133,13 @@ def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
 
 
 @kernel
+def load_valid_count(valid_ptr, upper):
+    """A device-side token count clamped to ``[0, upper]``, as int32. Clamped before the cast: an int64
+    count past 2**31 must not wrap to a small one."""
+    return tl.minimum(tl.maximum(tl.load(valid_ptr), 0), upper).to(tl.int32)
+
+
+@kernel
 def cast_for_store(x, dtype: tl.constexpr, SOFT_ROUND: tl.constexpr):
     """``x.to(dtype)`` with round-to-nearest-even also under the interpreter (see the module docstring)."""
     if SOFT_ROUND:

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import use_triton
-from ._jit import kernel
+from ._jit import kernel, load_valid_count
 
 try:
     import triton.language as tl
@@ -464,9 +464,7 @@ def _sort_in_chunks(slot_args, slot_flags, output_args, output_flags, out, block
 def _valid_slots(valid_ptr, numel, max_tokens, top_k, HAS_VALID: tl.constexpr):
     n_valid = numel
     if HAS_VALID:
-        # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
-        v = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), max_tokens).to(tl.int32)
-        n_valid = v * top_k
+        n_valid = load_valid_count(valid_ptr, max_tokens) * top_k
     return n_valid
 
 

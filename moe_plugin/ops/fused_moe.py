@@ -45,7 +45,7 @@ import torch
 
 from ..config import FP8_DTYPE, QuantConfig, ScaleFormat, is_gated
 from ._dispatch import triton_available, use_triton
-from ._jit import cast_for_store, kernel
+from ._jit import cast_for_store, kernel, load_valid_count
 from .align import _cdiv, _next_pow2
 from .moe_sum import moe_sum
 
@@ -637,9 +637,7 @@ if tl is not None:
             num_pid_m = tl.cdiv(tl.load(ntpp_ptr), BLOCK_M)
         elif ROUTE == "slot":
             if HAS_VALID:
-                # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
-                v = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), max_tokens).to(tl.int32)
-                num_pid_m = v * slots_per_token
+                num_pid_m = load_valid_count(valid_ptr, max_tokens) * slots_per_token
             else:
                 num_pid_m = num_slots
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ._dispatch import triton_interpreting, use_triton
-from ._jit import cast_for_store, kernel
+from ._jit import cast_for_store, kernel, load_valid_count
 from .align import _cdiv, _check_valid_tokens, _next_pow2
 
 try:
@@ -196,8 +196,7 @@ def _moe_sum_kernel(
     pid_k = tl.program_id(1)
     n_tok = num_tokens
     if HAS_VALID:
-        # Clamped before the int32 cast: an int64 count past 2**31 must not wrap to a small one.
-        n_tok = tl.minimum(tl.maximum(tl.load(valid_ptr), 0), num_tokens).to(tl.int32)
+        n_tok = load_valid_count(valid_ptr, num_tokens)
     toks = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = toks < n_tok
     rows = toks.to(tl.int64)
