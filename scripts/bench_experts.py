@@ -285,6 +285,7 @@ def bench_case(p: Problem, m: int, ceilings: dict, replays: int, flush, check: b
     desc = (
         f"{cfg.source}: {cfg.routing} bm{g1.block_m} g1 n{g1.block_n}k{g1.block_k}w{g1.num_warps}s{g1.num_stages}"
         f" g2 n{g2.block_n}k{g2.block_k}w{g2.num_warps}s{g2.num_stages}x{g2.split_k}{' P' if cfg.persistent else ''}"
+        f"{' tma=' + cfg.tma if cfg.tma != 'off' else ''}"
     )
     goal = GOALS_BF16.get(p.shape, {}).get(m) if p.dtype == "bf16" else None
     return Row(

@@ -7,6 +7,13 @@ replays, median) over a candidate set chosen by the rows each expert receives, p
 time, and checks the winner's output against the heuristic config's before writing it. The shape
 heuristic is always the first candidate, so a tuned entry is never slower than the default it replaces.
 
+Unquantized bf16 / fp16 on a TMA-capable GPU (sm90+): the winner, and the big-tile heuristic config, are
+then tried whole (align + both GEMMs + reduction in one graph) on the TMA path (``tma`` = ``"weights"`` /
+``"all"``, persistent or not, ``ops.tma_gemm``) in two interleaved rounds (best of the two per variant,
+since long compute-bound replays drift with the clocks); a TMA variant replaces the pointer-kernel winner
+when it is faster. ``--tma-only`` runs just that step for M values already in the files, starting from
+their entries.
+
 Resumable: entries already in the file are skipped (``--force`` redoes them); the file is rewritten after
 every finished M. ``--budget-seconds`` bounds the whole run: the time is spread over the pending jobs and
 each job stops trying candidates when its share is spent (the heuristic is always measured).
@@ -146,6 +153,59 @@ def save_table(path: str, table: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(ordered, f, indent=1)
     os.replace(tmp, path)
+
+
+TMA_ROUNDS = 2
+
+
+def tma_step(job: Job, problem, start, replays: int, log) -> tuple[object, dict]:
+    """Whole-call timings of ``start`` (a LaunchConfig) against TMA variants of its tiles and of the
+    big-tile heuristic's; returns the fastest config and what was measured (empty when this device /
+    dtype / size cannot take the TMA path)."""
+    from moe_plugin.ops import fused_moe as fm
+    from moe_plugin.ops.tma_gemm import tma_problem
+
+    p = problem
+    m = job.m
+    x, w, ids = make_routing(m, p.num_experts, p.top_k, p.hidden, device=p.w1.device)
+    kw = dict(expert_map=p.expert_map, global_num_experts=p.num_experts, check_inputs=False)
+    if p.quant.is_quantized or tma_problem(x, p.w1, p.w2, False) or m * p.top_k <= 64:
+        return start, {}
+    info = fm.device_info(str(x.device))
+    big = fm.heuristic_for_rows(1e9, 1.0, p.inter, p.hidden, fp8=False, num_sms=info.num_sms)
+    tiles = {"big": big}
+    if start.routing != "slot" and (start.gemm1, start.gemm2) != (big.gemm1, big.gemm2):
+        tiles["start"] = start
+    variants = {"start": start}
+    for label, base in tiles.items():
+        for tma in ("weights", "all"):
+            for pers in (False, True):
+                name = f"{label}-{tma}{'-P' if pers else ''}"
+                variants[name] = replace(base, routing="sorted", tma=tma, persistent=pers, source="tuned")
+    ref = fm.fused_experts_triton(x, p.w1, p.w2, w, ids, config=start, **kw)
+    best_of: dict[str, float] = {}
+    for _ in range(TMA_ROUNDS):
+        for name, cfg in variants.items():
+            out = torch.empty_like(x)
+            try:
+                t = time_graph_us(lambda: fm.fused_experts_triton(x, p.w1, p.w2, w, ids, config=cfg, out=out, **kw), replays)
+            except Exception as exc:  # a variant that does not compile or fit is skipped
+                log(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            diff = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+            if not math.isfinite(diff) or diff > 1e-2:
+                log(f"  REJECTED {name} (differs from the pointer kernel by {diff:.2e})")
+                continue
+            best_of[name] = min(t, best_of.get(name, math.inf))
+    if "start" not in best_of:
+        return start, {}
+    winner = min(best_of, key=best_of.get)
+    measured = {
+        "tma_variants_us": {k: round(v, 2) for k, v in best_of.items()},
+        "tma_winner": winner,
+        "tma_speedup": best_of["start"] / best_of[winner],
+    }
+    return variants[winner], measured
 
 
 def tune_job(job: Job, problem, deadline: float, replays: int, full: bool, log) -> tuple[dict, dict]:
@@ -323,6 +383,9 @@ def tune_job(job: Job, problem, deadline: float, replays: int, full: bool, log) 
         log(f"  REJECTED tuned config for M={m} (differs from the heuristic's output by {diff:.2e}); keeping the heuristic")
         cfg, total = heur, h_total
     measured.update(best_us=total, speedup_vs_heuristic=(h_total / total) if h_total else None, check_rel_diff=diff)
+    # 4. the TMA path, whole calls
+    cfg, tma_measured = tma_step(job, p, cfg, replays, log)
+    measured.update(tma_measured)
     return cfg.to_dict(), measured
 
 
@@ -336,6 +399,8 @@ def main(argv=None) -> int:
     ap.add_argument("--replays", type=int, default=10, help="CUDA-graph replays per measurement (median)")
     ap.add_argument("--full", action="store_true", help="larger candidate sets (slower)")
     ap.add_argument("--force", action="store_true", help="re-tune M values already in the files")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="only try the TMA path (whole calls) against the entries already in the files")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune.py needs a CUDA GPU", file=sys.stderr)
@@ -360,7 +425,8 @@ def main(argv=None) -> int:
         for dtype in dtypes:
             for shape in shapes:
                 path = file_for(shape, dtype, args.out_dir)
-                if not args.force and str(m) in load_table(path):
+                present = str(m) in load_table(path)
+                if args.tma_only != present and not args.force:
                     continue
                 jobs.append(Job(shape, dtype, m, path))
     print(f"# {len(jobs)} job(s) to tune within {args.budget_seconds:.0f}s on {torch.cuda.get_device_name()}", flush=True)
@@ -379,7 +445,20 @@ def main(argv=None) -> int:
         share = (deadline_all - now) / (len(jobs) - i)
         bar.set_postfix_str(f"{job.shape} {job.dtype} M={job.m}")
         try:
-            cfg, measured = tune_job(job, problems[key], now + share, args.replays, args.full, bar.write)
+            if args.tma_only:
+                from moe_plugin.ops.fused_moe import LaunchConfig
+
+                start = LaunchConfig.from_dict(load_table(job.path)[str(job.m)], source="tuned")
+                new, measured = tma_step(job, problems[key], start, args.replays, bar.write)
+                if not measured:
+                    bar.write(f"{job.shape} {job.dtype} M={job.m}: no TMA path here")
+                    bar.update(1)
+                    continue
+                cfg = new.to_dict()
+                measured.setdefault("best_us", measured["tma_variants_us"][measured["tma_winner"]])
+                measured.update(candidates=len(measured["tma_variants_us"]), failed=0)
+            else:
+                cfg, measured = tune_job(job, problems[key], now + share, args.replays, args.full, bar.write)
         except Exception as exc:
             bar.write(f"{job.shape} {job.dtype} M={job.m}: FAILED {type(exc).__name__}: {exc}")
             bar.update(1)
@@ -393,9 +472,8 @@ def main(argv=None) -> int:
             triton=triton.__version__,
             updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         )
-        meta.setdefault("measured_us", {})[str(job.m)] = {
-            k: (round(v, 2) if isinstance(v, float) else v) for k, v in measured.items()
-        }
+        entry = meta.setdefault("measured_us", {}).setdefault(str(job.m), {})
+        entry.update({k: (round(v, 2) if isinstance(v, float) else v) for k, v in measured.items()})
         save_table(job.path, table)
         done += 1
         sp = measured.get("speedup_vs_heuristic")

@@ -72,13 +72,22 @@ class TritonExperts(TritonExpertsBase):
     activation_format = ActivationFormat.STANDARD
 
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
+        from ..ops.fused_moe import TMA_MIN_ROWS_PER_EXPERT, tma_workspace_rows
+
         slots = num_tokens * top_k
         n_inter = activation_output_dim(activation, n)
         # workspace2 holds the activation between the GEMMs: model dtype, or FP8 plus its group scales
         # (which fit in the same bytes); the spare elements cover the 256-byte alignment of the scales.
+        rows13, rows2 = slots, slots
+        if not self.quant.is_quantized and slots >= TMA_MIN_ROWS_PER_EXPERT * local_num_experts:
+            # Sizes where a launch config may take the TMA path: its activation is in sorted order (padded
+            # per expert), and tma="all" keeps a sorted copy of the tokens behind GEMM2's output.
+            sorted_rows = tma_workspace_rows(slots, local_num_experts)
+            rows2 = max(rows2, sorted_rows)
+            rows13 = slots + sorted_rows + -(-256 // k)
         return WorkspaceShapes(
-            workspace13=(slots, k),
-            workspace2=(slots * n_inter + 512,),
+            workspace13=(rows13, k),
+            workspace2=(rows2 * n_inter + 512,),
             output=(num_tokens, k),
         )
 

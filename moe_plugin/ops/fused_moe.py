@@ -45,6 +45,7 @@ import torch
 
 from ..config import FP8_DTYPE, QuantConfig, ScaleFormat, is_gated
 from ._dispatch import triton_available, use_triton
+from ._gemm_tiles import activate, dot_acc, tile_coords
 from ._jit import cast_for_store, kernel, load_valid_count
 from .align import _cdiv, _next_pow2
 from .moe_sum import moe_sum
@@ -70,6 +71,7 @@ SLOT_ROUTING_MAX_SLOTS = 256
 """Largest ``M * top_k`` the slot routing accepts (its prologue compares every slot id in registers)."""
 
 _ACTIVATIONS = ("silu", "gelu", "swiglu", "relu2")
+TMA_MODES = ("off", "weights", "all")
 
 
 # ====================================================================================================
@@ -114,7 +116,12 @@ class LaunchConfig:
     routing: str = "auto"
     """``"slot"`` (no sort; decode sizes), ``"sorted"`` (align + grouped GEMM) or ``"auto"``."""
     persistent: bool = False
-    """Launch about two programs per SM that stride over the tiles instead of one program per tile."""
+    """Launch about two programs per SM that stride over the tiles instead of one program per tile
+    (with ``tma``: one per SM)."""
+    tma: str = "off"
+    """Sorted routing with TMA-fed tiles (``ops.tma_gemm``; bf16 / fp16, Hopper+): ``"weights"`` loads the
+    weights and GEMM2's input through descriptors while GEMM1 gathers its token rows with pointers;
+    ``"all"`` first scatters the tokens into sorted order so GEMM1 reads them through a descriptor too."""
     source: str = field(default="heuristic", compare=False)
 
     def __post_init__(self) -> None:
@@ -126,6 +133,10 @@ class LaunchConfig:
             raise ValueError(f"routing must be 'auto', 'slot' or 'sorted', got {self.routing!r}")
         if self.gemm1.split_k != 1:
             raise ValueError("split_k is only supported for GEMM2 (GEMM1's epilogue needs complete sums)")
+        if self.tma not in TMA_MODES:
+            raise ValueError(f"tma must be one of {TMA_MODES}, got {self.tma!r}")
+        if self.tma != "off" and (self.routing == "slot" or self.gemm2.split_k != 1):
+            raise ValueError("tma needs sorted routing and no split-K")
 
     @staticmethod
     def from_dict(d: dict[str, Any], source: str = "dict") -> "LaunchConfig":
@@ -134,7 +145,7 @@ class LaunchConfig:
         if not isinstance(d, dict):
             raise TypeError(f"a launch config must be a dict, got {type(d).__name__}")
         known = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages",
-                 "SPLIT_K", "routing", "persistent", "gemm2"}
+                 "SPLIT_K", "routing", "persistent", "tma", "gemm2"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown launch config keys {sorted(unknown)}; known: {sorted(known)}")
@@ -171,7 +182,12 @@ class LaunchConfig:
         persistent = d.get("persistent", False)
         if not isinstance(persistent, bool):
             raise ValueError(f"launch config persistent must be true or false, got {persistent!r}")
-        base = {k: v for k, v in d.items() if k not in ("gemm2", "routing", "persistent", "SPLIT_K")}
+        tma = d.get("tma", "off")
+        if tma is False:
+            tma = "off"
+        if tma not in TMA_MODES:
+            raise ValueError(f"launch config tma must be one of {TMA_MODES}, got {tma!r}")
+        base = {k: v for k, v in d.items() if k not in ("gemm2", "routing", "persistent", "tma", "SPLIT_K")}
         g2 = dict(g2_raw)
         if "SPLIT_K" in d:
             g2.setdefault("SPLIT_K", d["SPLIT_K"])
@@ -182,6 +198,7 @@ class LaunchConfig:
             gemm2=gemm(g2, base),
             routing=str(d.get("routing", "auto")),
             persistent=persistent,
+            tma=tma,
             source=source,
         )
 
@@ -196,6 +213,7 @@ class LaunchConfig:
             "num_stages": g1.num_stages,
             "routing": self.routing,
             "persistent": self.persistent,
+            "tma": self.tma,
             "gemm2": {
                 "BLOCK_SIZE_N": g2.block_n,
                 "BLOCK_SIZE_K": g2.block_k,
@@ -356,6 +374,7 @@ def heuristic_config(
     fp8: bool,
     num_sms: int,
     group_k: int | None = None,
+    tma: bool = False,
 ) -> LaunchConfig:
     """A launch config for ``m`` tokens routed top-``top_k`` over ``num_global`` experts, ``num_local``
     of them here, assuming uniform routing (see ``heuristic_for_rows``)."""
@@ -363,7 +382,7 @@ def heuristic_config(
     local_slots = slots * num_local / num_global
     active = max(1.0, expected_active_experts(m, top_k, num_local, num_global))
     return heuristic_for_rows(
-        local_slots / active, active, n, k, fp8=fp8, num_sms=num_sms, group_k=group_k, slots=slots
+        local_slots / active, active, n, k, fp8=fp8, num_sms=num_sms, group_k=group_k, slots=slots, tma=tma
     )
 
 
@@ -377,13 +396,16 @@ def heuristic_for_rows(
     num_sms: int,
     group_k: int | None = None,
     slots: int | None = None,
+    tma: bool = False,
 ) -> LaunchConfig:
     """A launch config from the rows each active expert gets.
 
     Few rows are memory-bound: small ``BLOCK_M`` (padding waste is the tax), tile widths chosen so about
     two tiles per SM stream weights, deep pipelines. Many rows are compute-bound: 128-row tiles with 256
     output columns per program (gated GEMM1: 128 gate + 128 up columns), 8 warps, grouped raster so the
-    gathered rows stay in L2 while the program sweeps the columns.
+    gathered rows stay in L2 while the program sweeps the columns; where ``tma`` says the device and
+    dtype allow it, those tiles are fed by TMA (``tma="weights"``: measured on the H100 at 128+ rows per
+    expert as 0-14 % faster than the pointer loads, never slower).
     """
     target = 2 * num_sms
     routing = "slot" if slots is not None and slots <= 64 else "sorted"
@@ -414,7 +436,10 @@ def heuristic_for_rows(
     if group_k is not None:
         g1 = replace(g1, block_k=min(g1.block_k, _prev_pow2(group_k)))
         g2 = replace(g2, block_k=min(g2.block_k, _prev_pow2(group_k)))
-    return LaunchConfig(g1, g2, routing=routing, persistent=False, source="heuristic")
+    use_tma = tma and bm == 128 and not fp8 and routing == "sorted"
+    return LaunchConfig(
+        g1, g2, routing=routing, persistent=False, tma="weights" if use_tma else "off", source="heuristic"
+    )
 
 
 def _prev_pow2(n: int) -> int:
@@ -465,6 +490,12 @@ def get_launch_config(
     name = config_file_name(num_local, n, info.name, dtype_tag(dtype, quant), quant.block_shape, batched=batched)
     cfg = lookup_config_file(name, m)
     group_k = quant.block_shape[1] if quant.block_shape is not None else None
+    tma = (
+        not quant.is_quantized
+        and dtype in (torch.bfloat16, torch.float16)
+        and info.capability is not None
+        and info.capability >= (9, 0)
+    )
     if cfg is None and batched:
         cfg = heuristic_for_rows(float(m), num_local, n, k, fp8=quant.is_quantized, num_sms=info.num_sms, group_k=group_k)
     elif cfg is None:
@@ -478,6 +509,7 @@ def get_launch_config(
             fp8=quant.is_quantized,
             num_sms=info.num_sms,
             group_k=group_k,
+            tma=tma,
         )
     logger.debug("moe_plugin triton experts: M=%d E=%d N=%d -> %s (%s)", m, num_local, n, cfg.to_dict(), cfg.source)
     return cfg
@@ -487,48 +519,6 @@ def get_launch_config(
 # kernels
 
 if tl is not None:
-
-    @kernel
-    def _dot(a, b, acc, INTERPRET: tl.constexpr, DOT_IEEE: tl.constexpr):
-        # The interpreter's dot is wrong for bf16 operands (triton 3.9), so it runs on fp32 copies there
-        # (also for fp16 / fp8, which costs nothing there and keeps one interpreter path).
-        if INTERPRET:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if DOT_IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        return acc
-
-    @kernel
-    def _activate(g, u, alpha, limit, ACT: tl.constexpr):
-        if ACT == "silu":
-            out = g * tl.sigmoid(g) * u
-        elif ACT == "gelu":
-            out = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)) * u
-        elif ACT == "swiglu":
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-            out = g * tl.sigmoid(alpha * g) * (u + 1.0)
-        elif ACT == "relu2":
-            r = tl.maximum(g, 0.0)
-            out = r * r
-        else:
-            out = g
-        return out
-
-    @kernel
-    def _tile_coords(t, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-        # Grouped raster: GROUP_M consecutive row blocks sweep the columns together, so one expert's
-        # weight tile is read by all of its row blocks while it is still in L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = t // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((t % num_pid_in_group) % group_size_m)
-        pid_n = (t % num_pid_in_group) // group_size_m
-        return pid_m, pid_n
 
     @kernel
     def _slot_rows(
@@ -646,7 +636,7 @@ if tl is not None:
 
         for tile in range(pid, total, nprog):
             split = tile % SPLIT_K
-            pid_m, pid_n = _tile_coords(tile // SPLIT_K, num_pid_m, num_pid_n, GROUP_M)
+            pid_m, pid_n = tile_coords(tile // SPLIT_K, num_pid_m, num_pid_n, GROUP_M)
 
             if ROUTE == "sorted":
                 expert = tl.load(block_expert_ptr + pid_m)
@@ -719,14 +709,14 @@ if tl is not None:
                             a_s = tl.load(a_s_ptrs + kg * stride_ask, mask=row_mask, other=0.0)
                         b_s = tl.load(b_s_ptrs + kg * stride_bsk)
                         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                        acc += _dot(a, b, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s[None, :]
+                        acc += dot_acc(a, b, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s[None, :]
                         if GATED:
                             b_s_up = tl.load(b_s_up_ptrs + kg * stride_bsk)
-                            acc_up += _dot(a, b_up, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s_up[None, :]
+                            acc_up += dot_acc(a, b_up, zero, INTERPRET, DOT_IEEE) * a_s[:, None] * b_s_up[None, :]
                     else:
-                        acc = _dot(a, b, acc, INTERPRET, DOT_IEEE)
+                        acc = dot_acc(a, b, acc, INTERPRET, DOT_IEEE)
                         if GATED:
-                            acc_up = _dot(a, b_up, acc_up, INTERPRET, DOT_IEEE)
+                            acc_up = dot_acc(a, b_up, acc_up, INTERPRET, DOT_IEEE)
                     a_ptrs += BLOCK_K * stride_ak
                     b_ptrs += BLOCK_K * stride_bk
                     if GATED:
@@ -741,7 +731,7 @@ if tl is not None:
                         b_s_up = tl.load(b_scale_ptr + e64 * stride_bse + (offs_bn + N) * stride_bsn)
                         acc_up = acc_up * a_s[:, None] * b_s_up[None, :]
 
-                out = _activate(acc, acc_up, swiglu_alpha, swiglu_limit, ACT)
+                out = activate(acc, acc_up, swiglu_alpha, swiglu_limit, ACT)
                 if MUL_ROUTED_WEIGHT:
                     w = tl.load(topk_weights_ptr + rows, mask=row_mask, other=0.0)
                     out = out * w[:, None]
@@ -1133,6 +1123,81 @@ def _two_gemms(
     )
 
 
+TMA_MIN_ROWS_PER_EXPERT = 32
+"""Below this many slots per local expert on average ``TritonExperts`` declares no TMA-sized workspaces
+(the padded sorted order would dwarf the slots); a config that takes the TMA path there still runs, on
+buffers of its own."""
+
+
+def tma_workspace_rows(slots: int, num_local: int, block_m: int = 128) -> int:
+    """Rows of the TMA path's sorted-order buffers (``block_m`` up to 128): slots plus per-expert padding."""
+    from .align import align_buffer_sizes
+
+    return align_buffer_sizes(slots, block_m, num_local)[0]
+
+
+def _two_gemms_tma(
+    a1: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    routing: Routing,
+    g1: GemmLaunch,
+    g2: GemmLaunch,
+    sorted_len: int,
+    inv: torch.Tensor | None,
+    workspace13: torch.Tensor | None,
+    workspace2: torch.Tensor | None,
+    out: torch.Tensor,
+    *,
+    activation: str,
+    topk_weights: torch.Tensor | None,
+    persistent: bool,
+) -> torch.Tensor:
+    """``ops.tma_gemm``'s two GEMMs: GEMM1 + activation into a sorted-order intermediate, GEMM2 back to the
+    slots; returns GEMM2's ``[slots, K]`` output (the head of ``workspace13``). With ``inv`` the tokens are
+    first scattered into sorted order."""
+    from .permute import _scatter_rows
+    from .tma_gemm import invoke_tma_gemm
+
+    device = a1.device
+    slots, k_dim = routing.num_slots, a1.shape[1]
+    n_inter = w2.shape[2]
+    itemsize = a1.element_size()
+    y_bytes = slots * k_dim * itemsize
+    a_bytes = sorted_len * k_dim * itemsize if inv is not None else 0
+    raw13 = _bytes_view(workspace13, _cdiv(y_bytes, 256) * 256 + a_bytes, device)
+    y, offset = _carve(raw13, 0, (slots, k_dim), a1.dtype)
+    raw2 = _bytes_view(workspace2, sorted_len * n_inter * itemsize, device)
+    inter, _ = _carve(raw2, 0, (sorted_len, n_inter), a1.dtype)
+    if inv is not None:
+        a_sorted, _ = _carve(raw13, offset, (sorted_len, k_dim), a1.dtype)
+        _scatter_rows(a1, None, inv, routing.top_k, a_sorted, None)
+        a_mode, a_src, row_div = "tma", a_sorted, 1
+    else:
+        a_mode, a_src, row_div = "gather", a1, routing.top_k
+    info = device_info(str(device))
+    common = dict(
+        sorted_ids=routing.sorted_ids,
+        block_expert=routing.block_expert,
+        num_tokens_post_padded=routing.ntpp,
+        num_slots=slots,
+        grid_m=routing.grid_m,
+        num_sms=info.num_sms,
+        persistent=persistent,
+    )
+    for a, b, c, g, kw in (
+        (a_src, w1, inter, g1, dict(a_mode=a_mode, a_row_div=row_div, c_mode="sorted", activation=activation,
+                                    gated=is_gated(activation))),
+        (inter, w2, y, g2, dict(a_mode="tma", a_row_div=1, c_mode="slot", topk_weights=topk_weights)),
+    ):
+        launch = fit_stages(g, itemsize, itemsize, kw.get("gated", False), info.smem_bytes - 2048)
+        invoke_tma_gemm(
+            a, b, c, **common, **kw, block_m=g.block_m, block_n=g.block_n, block_k=g.block_k, group_m=g.group_m,
+            num_warps=launch.num_warps, num_stages=launch.num_stages,
+        )
+    return y
+
+
 def resolve_routing_mode(cfg: LaunchConfig, slots: int) -> str:
     if slots > SLOT_ROUTING_MAX_SLOTS:
         return "sorted"
@@ -1201,6 +1266,14 @@ def experts_standard(
     emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
 
     mode = resolve_routing_mode(config, slots)
+    tma = config.tma if mode == "sorted" else "off"
+    if tma != "off":
+        from .tma_gemm import tma_problem
+
+        problem = tma_problem(a1q, w1, w2, quant.is_quantized or a1q.dtype != out.dtype)
+        if problem:
+            logger.debug("moe_plugin triton experts: TMA path off (%s)", problem)
+            tma = "off"
     if mode == "slot":
         grid_m = min(slots, hint * top_k)
         routing = Routing(
@@ -1216,6 +1289,7 @@ def experts_standard(
             block_keys=torch.empty((n_blocks,), dtype=torch.int32, device=device),
             block_tail=-1,
             num_tokens_post_padded=torch.empty((1,), dtype=torch.int32, device=device),
+            inv=torch.empty((slots,), dtype=torch.int32, device=device) if tma == "all" else None,
         )
         sort_slots_triton(ids, top_k, num_local, bm, sort_out, key_map=emap, valid_tokens=valid_tokens)
         if num_tokens_hint is not None:
@@ -1236,6 +1310,18 @@ def experts_standard(
             ntpp=sort_out.num_tokens_post_padded,
             valid=valid_tokens,
         )
+        if tma != "off":
+            y = _two_gemms_tma(
+                a1q, w1, w2, routing, g1, g2, sorted_len, sort_out.inv, workspace13, workspace2, out,
+                activation=activation,
+                topk_weights=topk_weights.reshape(-1).contiguous() if mul_routed_weight else None,
+                persistent=config.persistent,
+            )
+            moe_sum(
+                y.unflatten(-2, (m, top_k)), out,
+                topk_ids=topk_ids, num_experts=num_local, expert_map=emap, valid_tokens=valid_tokens,
+            )
+            return out
 
     quant_a1 = False
     if quant.is_quantized and a1q.dtype != FP8_DTYPE:
