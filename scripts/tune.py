@@ -174,7 +174,8 @@ def tma_step(job: Job, problem, start, replays: int, log) -> tuple[object, dict]
     info = fm.device_info(str(x.device))
     big = fm.heuristic_for_rows(1e9, 1.0, p.inter, p.hidden, fp8=False, num_sms=info.num_sms)
     tiles = {"big": big}
-    if start.routing != "slot" and (start.gemm1, start.gemm2) != (big.gemm1, big.gemm2):
+    # (split-K partials need the pointer kernel's reduction: such a winner's tiles have no TMA form)
+    if start.routing != "slot" and start.gemm2.split_k == 1 and (start.gemm1, start.gemm2) != (big.gemm1, big.gemm2):
         tiles["start"] = start
     variants = {"start": start}
     for label, base in tiles.items():
@@ -426,7 +427,9 @@ def main(argv=None) -> int:
             for shape in shapes:
                 path = file_for(shape, dtype, args.out_dir)
                 present = str(m) in load_table(path)
-                if args.tma_only != present and not args.force:
+                if args.tma_only and not present:
+                    continue  # --tma-only starts from an existing entry
+                if present and not args.tma_only and not args.force:
                     continue
                 jobs.append(Job(shape, dtype, m, path))
     print(f"# {len(jobs)} job(s) to tune within {args.budget_seconds:.0f}s on {torch.cuda.get_device_name()}", flush=True)

@@ -20,8 +20,12 @@ from ..modular import (
     WeightAndReduceNoOp,
     WorkspaceShapes,
 )
+import torch
+
 from ..ops._dispatch import triton_interpreting
 from ..ops.activation import activation_output_dim
+from ..ops.fused_moe import get_launch_config, resolve_routing_mode, tma_workspace_rows
+from ..ops.tma_gemm import tma_possible
 
 
 def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
@@ -72,24 +76,41 @@ class TritonExperts(TritonExpertsBase):
     activation_format = ActivationFormat.STANDARD
 
     def workspace_shapes(self, num_tokens, n, k, top_k, global_num_experts, local_num_experts, meta, activation):
-        from ..ops.fused_moe import TMA_MIN_ROWS_PER_EXPERT, tma_workspace_rows
-
         slots = num_tokens * top_k
         n_inter = activation_output_dim(activation, n)
         # workspace2 holds the activation between the GEMMs: model dtype, or FP8 plus its group scales
         # (which fit in the same bytes); the spare elements cover the 256-byte alignment of the scales.
         rows13, rows2 = slots, slots
-        if not self.quant.is_quantized and slots >= TMA_MIN_ROWS_PER_EXPERT * local_num_experts:
-            # Sizes where a launch config may take the TMA path: its activation is in sorted order (padded
-            # per expert), and tma="all" keeps a sorted copy of the tokens behind GEMM2's output.
-            sorted_rows = tma_workspace_rows(slots, local_num_experts)
+        tma = self._planned_tma(num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts)
+        if tma is not None:
+            # The TMA path keeps the activation in sorted order (padded per expert), and tma="all" a sorted
+            # copy of the tokens behind GEMM2's output.
+            mode, block_m = tma
+            sorted_rows = tma_workspace_rows(slots, local_num_experts, block_m)
             rows2 = max(rows2, sorted_rows)
-            rows13 = slots + sorted_rows + -(-256 // k)
+            if mode == "all":
+                rows13 = slots + sorted_rows + -(-256 // k)
         return WorkspaceShapes(
             workspace13=(rows13, k),
             workspace2=(rows2 * n_inter + 512,),
             output=(num_tokens, k),
         )
+
+    def _planned_tma(self, num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts):
+        """``(tma mode, block_m)`` when ``apply`` for ``num_tokens`` will take the TMA path, else None: the
+        launch config it will use (pinned, else the one for the current device) decides."""
+        if self.quant.is_quantized or num_tokens == 0:
+            return None
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        if not tma_possible(self.config.dtype, device):
+            return None
+        cfg = self.launch_config or get_launch_config(
+            num_tokens, num_local=local_num_experts, num_global=global_num_experts, n=n_inter, k=k, top_k=top_k,
+            dtype=self.config.dtype, quant=self.quant, device=device,
+        )
+        if cfg.tma == "off" or resolve_routing_mode(cfg, num_tokens * top_k) != "sorted":
+            return None
+        return cfg.tma, cfg.gemm1.block_m
 
     def weight_and_reduce(self) -> TopKWeightAndReduce:
         return WeightAndReduceNoOp()

@@ -490,12 +490,9 @@ def get_launch_config(
     name = config_file_name(num_local, n, info.name, dtype_tag(dtype, quant), quant.block_shape, batched=batched)
     cfg = lookup_config_file(name, m)
     group_k = quant.block_shape[1] if quant.block_shape is not None else None
-    tma = (
-        not quant.is_quantized
-        and dtype in (torch.bfloat16, torch.float16)
-        and info.capability is not None
-        and info.capability >= (9, 0)
-    )
+    from .tma_gemm import tma_possible
+
+    tma = not quant.is_quantized and tma_possible(dtype, device) and info.capability is not None
     if cfg is None and batched:
         cfg = heuristic_for_rows(float(m), num_local, n, k, fp8=quant.is_quantized, num_sms=info.num_sms, group_k=group_k)
     elif cfg is None:
@@ -1123,14 +1120,8 @@ def _two_gemms(
     )
 
 
-TMA_MIN_ROWS_PER_EXPERT = 32
-"""Below this many slots per local expert on average ``TritonExperts`` declares no TMA-sized workspaces
-(the padded sorted order would dwarf the slots); a config that takes the TMA path there still runs, on
-buffers of its own."""
-
-
-def tma_workspace_rows(slots: int, num_local: int, block_m: int = 128) -> int:
-    """Rows of the TMA path's sorted-order buffers (``block_m`` up to 128): slots plus per-expert padding."""
+def tma_workspace_rows(slots: int, num_local: int, block_m: int) -> int:
+    """Rows of the TMA path's sorted-order buffers: slots plus per-expert padding to ``block_m``."""
     from .align import align_buffer_sizes
 
     return align_buffer_sizes(slots, block_m, num_local)[0]
@@ -1163,6 +1154,9 @@ def _two_gemms_tma(
     slots, k_dim = routing.num_slots, a1.shape[1]
     n_inter = w2.shape[2]
     itemsize = a1.element_size()
+    # Descriptors need 16-byte aligned bases: a caller's workspace that is not gets replaced.
+    workspace13 = workspace13 if workspace13 is None or workspace13.data_ptr() % 16 == 0 else None
+    workspace2 = workspace2 if workspace2 is None or workspace2.data_ptr() % 16 == 0 else None
     y_bytes = slots * k_dim * itemsize
     a_bytes = sorted_len * k_dim * itemsize if inv is not None else 0
     raw13 = _bytes_view(workspace13, _cdiv(y_bytes, 256) * 256 + a_bytes, device)
@@ -1268,12 +1262,14 @@ def experts_standard(
     mode = resolve_routing_mode(config, slots)
     tma = config.tma if mode == "sorted" else "off"
     if tma != "off":
-        from .tma_gemm import tma_problem
+        from .tma_gemm import gathers_only, tma_problem
 
         problem = tma_problem(a1q, w1, w2, quant.is_quantized or a1q.dtype != out.dtype)
         if problem:
             logger.debug("moe_plugin triton experts: TMA path off (%s)", problem)
             tma = "off"
+        elif tma == "all" and gathers_only(a1q):
+            tma = "weights"
     if mode == "slot":
         grid_m = min(slots, hint * top_k)
         routing = Routing(

@@ -26,6 +26,7 @@ import logging
 import torch
 
 from ._gemm_tiles import activate, dot_acc, tile_coords
+from ._dispatch import triton_interpreting
 from ._jit import cast_for_store, kernel
 
 try:
@@ -45,7 +46,18 @@ A_MODES = ("tma", "gather")
 def _device_has_tma(device: str) -> bool:
     if device == "cpu":
         return True  # the interpreter emulates descriptors
-    return torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+    # ROCm reports gfx9xx parts as capability 9.x; TMA is NVIDIA's.
+    return torch.version.hip is None and torch.cuda.get_device_capability(torch.device(device)) >= (9, 0)
+
+
+def tma_possible(dtype: torch.dtype, device: torch.device | str) -> bool:
+    """Whether ``dtype`` activations on ``device`` can take the TMA path at all (before looking at shapes)."""
+    if TensorDescriptor is None or dtype not in TMA_DTYPES:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return triton_interpreting()
+    return dev.type == "cuda" and _device_has_tma(str(dev))
 
 
 def _row_major_3d(t: torch.Tensor) -> bool:
@@ -61,7 +73,8 @@ def _row_major_3d(t: torch.Tensor) -> bool:
 
 
 def tma_problem(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, quantized: bool) -> str | None:
-    """Why the TMA path cannot run these operands, or None when it can."""
+    """Why the TMA path cannot run these operands, or None when it can (``a_mode="tma"`` also needs
+    ``hidden``'s columns contiguous: see ``gathers_only``)."""
     if TensorDescriptor is None or tl is None:
         return "this triton has no host-side tensor descriptors (triton.tools.tensor_descriptor)"
     if quantized:
@@ -73,9 +86,16 @@ def tma_problem(hidden: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, quanti
     for name, w in (("w1", w1), ("w2", w2)):
         if not _row_major_3d(w):
             return f"{name} must be row-major [E, rows, cols] with 16-byte aligned rows for TMA, got strides {w.stride()}"
-    if (w2.shape[2] * w2.element_size()) % 16:
-        return f"the intermediate width N={w2.shape[2]} must give 16-byte rows for TMA"
+    for name, width in (("hidden size K", w1.shape[2]), ("intermediate width N", w2.shape[2])):
+        if (width * w1.element_size()) % 16:
+            return f"the {name}={width} must give 16-byte rows for TMA"
     return None
+
+
+def gathers_only(hidden: torch.Tensor) -> bool:
+    """True when GEMM1 must gather ``hidden``'s rows with pointers (``a_mode="gather"``): the token-major
+    scatter into sorted order reads each row as one contiguous run."""
+    return hidden.stride(1) != 1
 
 
 def _descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
@@ -251,4 +271,4 @@ if tl is not None:
                 tl.store(c_ptrs, cast_for_store(out, c_ptr.dtype.element_ty, INTERPRET), mask=c_mask)
 
 
-__all__ = ["A_MODES", "invoke_tma_gemm", "tma_problem"]
+__all__ = ["A_MODES", "gathers_only", "invoke_tma_gemm", "tma_possible", "tma_problem"]

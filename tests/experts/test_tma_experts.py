@@ -136,15 +136,17 @@ def test_tma_needs_unquantized_row_major_16_byte_rows(launched):
 
 
 def test_tma_uses_the_declared_workspaces(monkeypatch):
-    # 64 slots over 2 experts: past TMA_MIN_ROWS_PER_EXPERT, so TritonExperts declares the sorted buffers
-    # and the TMA path must run in them (no allocation of its own).
+    # TritonExperts declares the sorted buffers its launch config needs (the token copy for "all" only), and
+    # the TMA path must run in them (no allocation of its own).
     m, e, top_k, hidden, inter = 32, 2, 2, 32, 16
     x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float16, seed=6)
     cfg = MoEConfig(e, top_k, hidden, inter, dtype=torch.float16)
     for tma in ("weights", "all"):
         experts = TritonExperts(cfg, tma_cfg(tma))
         shapes = experts.workspace_shapes(m, 2 * inter, hidden, top_k, e, e, None, "silu")
-        assert shapes.workspace2[0] >= fm.tma_workspace_rows(m * top_k, e) * inter
+        assert shapes.workspace2[0] >= fm.tma_workspace_rows(m * top_k, e, 16) * inter
+        extra13 = shapes.workspace13[0] - m * top_k
+        assert (extra13 >= fm.tma_workspace_rows(m * top_k, e, 16)) == (tma == "all")
         ws13 = torch.full(shapes.workspace13, float("nan"), dtype=torch.float16)
         ws2 = torch.full(shapes.workspace2, float("nan"), dtype=torch.float16)
         fresh = []
@@ -192,3 +194,35 @@ def test_heuristic_takes_tma_only_for_large_unquantized_tiles():
     cpu = fm.get_launch_config(4096, num_local=8, num_global=8, n=256, k=128, top_k=2, dtype=torch.bfloat16,
                                quant=fm.QuantConfig(), device="cpu")
     assert cpu.tma == "off"
+
+
+def test_workspaces_do_not_grow_without_the_tma_path():
+    m, e, top_k, hidden, inter = 32, 2, 2, 32, 16
+    plain = (m * top_k, hidden), (m * top_k * inter + 512,)
+    for dtype, launch in ((torch.float16, tma_cfg("off")), (torch.float32, tma_cfg("all")), (torch.float16, None)):
+        cfg = MoEConfig(e, top_k, hidden, inter, dtype=dtype)
+        shapes = TritonExperts(cfg, launch).workspace_shapes(m, 2 * inter, hidden, top_k, e, e, None, "silu")
+        assert (shapes.workspace13, shapes.workspace2) == plain, (dtype, launch)
+
+
+def test_all_mode_gathers_tokens_with_strided_columns(launched):
+    # The token-major scatter reads each row as one run: column-strided tokens must take the gather mode.
+    x, w1, w2, w, ids = make_case(6, 4, 2, 32, 16, dtype=torch.float16, seed=7)
+    x_strided = x.t().contiguous().t()
+    assert x_strided.stride(1) != 1
+    out = fused_experts_triton(x_strided, w1, w2, w, ids, config=tma_cfg("all"))
+    assert launched.count("_moe_gemm_tma_kernel") == 2 and "_scatter_rows_kernel" not in launched
+    assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
+
+
+def test_padded_weight_rows_that_break_tma_alignment_fall_back(launched):
+    # K=12 fp16 rows stored 16 apart: w1's own stride is aligned but K is not (the sorted token copy and
+    # the descriptors' extents would be 24-byte rows).
+    x, w1, w2, w, ids = make_case(6, 4, 2, 12, 16, dtype=torch.float16, seed=8)
+    padded = torch.zeros(4, 32, 16, dtype=torch.float16)
+    padded[..., :12] = w1
+    w1_padded = padded[..., :12]
+    assert "16-byte" in tma_problem(x, w1_padded, w2, quantized=False)
+    out = fused_experts_triton(x, w1_padded, w2, w, ids, config=tma_cfg("all"), check_inputs=False)
+    assert "_moe_gemm_tma_kernel" not in launched
+    assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
