@@ -191,13 +191,21 @@ def test_cuda_graph_serves_every_batch_size(max_tokens, shape):
     out = torch.empty_like(x)
     kw = dict(expert_map=emap, global_num_experts=e_global, out=out, valid_tokens=valid,
               num_tokens_hint=max(1, max_tokens // 4), check_inputs=False)
+    replay_with_counts(shape, (x, w1, w2, w, ids, emap), valid, kw, ((1, 7), (max_tokens // 3, 8), (max_tokens, 9)))
+
+
+def replay_with_counts(shape, case, valid, kw, counts_and_seeds):
+    """Capture ``fused_experts_triton`` once, then replay it on new tokens with each valid count: the
+    valid rows must match the reference and the rest of ``kw["out"]`` must stay untouched."""
+    x, w1, w2, w, ids, emap = case
+    out = kw["out"]
     fused_experts_triton(x, w1, w2, w, ids, **kw)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused_experts_triton(x, w1, w2, w, ids, **kw)
-    for v, seed in ((1, 7), (max_tokens // 3, 8), (max_tokens, 9)):
-        nx, nw, nids = make_tokens(shape, max_tokens, seed)
+    for v, seed in counts_and_seeds:
+        nx, nw, nids = make_tokens(shape, x.shape[0], seed)
         x.copy_(nx)
         w.copy_(nw)
         ids.copy_(nids)
@@ -244,22 +252,7 @@ def test_tma_path_in_a_cuda_graph_with_changing_counts(tma):
     out = torch.empty_like(x)
     kw = dict(expert_map=emap, global_num_experts=e_global, out=out, valid_tokens=valid, check_inputs=False,
               config=replace(TMA_CFG, tma=tma))
-    fused_experts_triton(x, w1, w2, w, ids, **kw)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused_experts_triton(x, w1, w2, w, ids, **kw)
-    for v, seed in ((1, 14), (333, 15), (max_tokens, 16)):
-        nx, nw, nids = make_tokens("mixtral-small", max_tokens, seed)
-        x.copy_(nx)
-        w.copy_(nw)
-        ids.copy_(nids)
-        valid.fill_(v)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert rel_err(out[:v], reference(x[:v], w1, w2, w[:v], ids[:v], emap)) < 1.5e-2, v
-        assert torch.isnan(out[v:]).all(), v
+    replay_with_counts("mixtral-small", (x, w1, w2, w, ids, emap), valid, kw, ((1, 14), (333, 15), (max_tokens, 16)))
 
 
 def test_modular_kernel_graph_capture():
