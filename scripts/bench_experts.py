@@ -241,7 +241,8 @@ class Row:
 
 
 def bench_case(p: Problem, m: int, ceilings: dict, replays: int, flush, check: bool) -> Row:
-    from moe_plugin.ops.fused_moe import fused_experts_triton, get_launch_config
+    from moe_plugin.ops.fused_moe import fused_experts_triton
+    from moe_plugin.ops.launch_config import get_launch_config
 
     x, w, ids = make_routing(m, p.num_experts, p.top_k, p.hidden, device=p.w1.device)
     out = torch.empty_like(x)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Search Triton experts launch configs on this GPU and write them where ``ops.fused_moe`` looks.
+"""Search Triton experts launch configs on this GPU and write them where ``ops.launch_config`` looks.
 
 For every (shape, dtype, M) not yet in the output JSON it times the two GEMMs separately (CUDA-graph
 replays, median) over a candidate set chosen by the rows each expert receives, per block_m and routing
@@ -88,7 +88,7 @@ def block_m_candidates(rows_per_expert: float) -> list[int]:
 
 def gemm_candidates(bm: int, n_out: int, fp8: bool, gated: bool, full: bool, group_k: int | None):
     """GEMM launch candidates for one block_m (GEMM1 when ``gated``)."""
-    from moe_plugin.ops.fused_moe import GemmLaunch
+    from moe_plugin.ops.launch_config import GemmLaunch
 
     cands = []
     if bm <= 32:
@@ -130,7 +130,7 @@ class Job:
 
 def file_for(shape: str, dtype: str, out_dir: str) -> str:
     from moe_plugin.config import QuantConfig
-    from moe_plugin.ops.fused_moe import config_file_name, dtype_tag
+    from moe_plugin.ops.launch_config import config_file_name, dtype_tag
 
     s = SHAPES[shape]
     quant = QuantConfig.fp8_block(128) if dtype == "fp8-block" else QuantConfig()
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"{job.shape} {job.dtype} M={job.m}")
         try:
             if args.tma_only:
-                from moe_plugin.ops.fused_moe import LaunchConfig
+                from moe_plugin.ops.launch_config import LaunchConfig
 
                 start = LaunchConfig.from_dict(load_table(job.path)[str(job.m)], source="tuned")
                 new, measured = tma_step(job, problems[key], start, args.replays, bar.write)

@@ -24,7 +24,8 @@ import torch
 
 from ..ops._dispatch import triton_interpreting
 from ..ops.activation import activation_output_dim
-from ..ops.fused_moe import get_launch_config, resolve_routing_mode, tma_workspace_rows
+from ..ops.fused_moe import tma_workspace_rows
+from ..ops.launch_config import block_shape_problem, get_launch_config, resolve_routing_mode
 from ..ops.tma_gemm import tma_possible
 
 
@@ -44,8 +45,6 @@ def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
             return False, "CPU without TRITON_INTERPRET=1: torch reference is faster"
     else:
         return False, f"runs on CUDA (or on CPU under TRITON_INTERPRET=1), not on {caps.device_type}"
-    from ..ops.fused_moe import block_shape_problem
-
     problem = block_shape_problem(config.quant)
     return (False, problem) if problem else (True, "")
 
@@ -53,7 +52,7 @@ def triton_support(config: MoEConfig, caps) -> tuple[bool, str]:
 class TritonExpertsBase(PermuteExpertsUnpermute):
     """What the Triton experts of both formats share: the oracle's facts and the launch-config pin.
 
-    ``launch_config`` (an ``ops.fused_moe.LaunchConfig``) pins the tiles; by default they come from the
+    ``launch_config`` (an ``ops.launch_config.LaunchConfig``) pins the tiles; by default they come from the
     tuned JSON files for the device, else from the shape heuristic.
     """
 

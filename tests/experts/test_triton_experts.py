@@ -23,6 +23,7 @@ from moe_plugin.experts.torch_ref import BatchedTorchExperts, TorchExperts
 from moe_plugin.experts.triton import TritonExperts
 from moe_plugin.oracle import Capabilities
 from moe_plugin.ops import fused_moe as fm
+from moe_plugin.ops import launch_config
 from moe_plugin.ops.fused_moe import GemmLaunch, LaunchConfig, fused_experts_triton
 from moe_plugin.ops.quant import quantize_block_weight
 from moe_plugin.prepare_finalize.local import BatchedLocalPrepareAndFinalize, LocalPrepareAndFinalize
@@ -429,7 +430,7 @@ def test_valid_tokens_on_device(routing):
 
 def test_input_validation():
     x, w1, w2, w, ids = make_case(4, 3, 2, 32, 16, dtype=torch.float32)
-    with pytest.raises(TypeError, match="config must be an ops.fused_moe.LaunchConfig"):
+    with pytest.raises(TypeError, match="config must be an ops.launch_config.LaunchConfig"):
         fused_experts_triton(x, w1, w2, w, ids, config=[16, 16, 16])
     as_dict = fused_experts_triton(x, w1, w2, w, ids, config=small_cfg().to_dict())
     assert rel_err(as_dict, naive.moe(x, w1, w2, w, ids)) < 1e-5
@@ -628,7 +629,7 @@ def test_every_shipped_config_file_parses():
     paths = sorted(fm.CONFIG_DIR.glob("*.json"))
     assert paths
     for path in paths:
-        table = fm._load_config_file(str(path), path.stat().st_mtime)
+        table = launch_config._load_config_file(str(path), path.stat().st_mtime)
         assert table and all(isinstance(c, LaunchConfig) for c in table.values()), path.name
 
 
