@@ -16,6 +16,11 @@ from moe_plugin.ops.fused_moe import GemmLaunch, LaunchConfig, fused_experts_tri
 from moe_plugin.ops.tma_gemm import tma_problem
 
 
+# tma="all" leaves the padding rows of its sorted token copy unwritten (their results are never read);
+# numpy warns when the interpreter computes on that garbage.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
