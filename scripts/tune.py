@@ -195,7 +195,7 @@ def tma_step(job: Job, problem, start, replays: int, log) -> tuple[object, dict]
                 continue
             diff = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
             if not math.isfinite(diff) or diff > 1e-2:
-                log(f"  REJECTED {name} (differs from the pointer kernel by {diff:.2e})")
+                log(f"  REJECTED {name} (differs from the starting entry's output by {diff:.2e})")
                 continue
             best_of[name] = min(t, best_of.get(name, math.inf))
     if "start" not in best_of:
@@ -401,7 +401,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="larger candidate sets (slower)")
     ap.add_argument("--force", action="store_true", help="re-tune M values already in the files")
     ap.add_argument("--tma-only", action="store_true",
-                    help="only try the TMA path (whole calls) against the entries already in the files")
+                    help="only try the TMA path (whole calls) against the entries already in the files "
+                         "(every existing entry is tried; --force adds nothing)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune.py needs a CUDA GPU", file=sys.stderr)

@@ -62,6 +62,7 @@ class TritonExpertsBase(PermuteExpertsUnpermute):
     def __init__(self, config: MoEConfig, launch_config=None):
         super().__init__(config)
         self.launch_config = launch_config
+        self._configs: dict[tuple, object] = {}
 
     @classmethod
     def supports(cls, config: MoEConfig, caps) -> tuple[bool, str]:
@@ -95,21 +96,42 @@ class TritonExperts(TritonExpertsBase):
             output=(num_tokens, k),
         )
 
+    def _launch_config_for(self, num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts, dtype, device):
+        """The launch config ``apply`` runs with (pinned, else looked up once per shape, dtype and device:
+        ``workspace_shapes`` and ``apply`` then agree on it, and the per-call lookup cost is paid once)."""
+        if self.launch_config is not None:
+            return self.launch_config
+        key = (num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts, dtype, str(device))
+        cfg = self._configs.get(key)
+        if cfg is None:
+            if len(self._configs) >= 1024:
+                self._configs.clear()
+            cfg = self._configs[key] = get_launch_config(
+                num_tokens, num_local=local_num_experts, num_global=global_num_experts, n=n_inter, k=k,
+                top_k=top_k, dtype=dtype, quant=self.quant, device=device,
+            )
+        return cfg
+
     def _planned_tma(self, num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts):
-        """``(tma mode, block_m)`` when ``apply`` for ``num_tokens`` will take the TMA path, else None: the
-        launch config it will use (pinned, else the one for the current device) decides."""
+        """``(tma mode, block_m)`` when ``apply`` for ``num_tokens`` will take the TMA path, else None.
+
+        ``workspace_shapes`` is not told the device: this plans for the current CUDA device with
+        ``MoEConfig.dtype`` (what serving engines run), and under the interpreter for the CPU. A call on
+        another device or dtype still runs correctly, on buffers of its own where these fall short.
+        """
         if self.quant.is_quantized or num_tokens == 0:
             return None
-        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-        if not tma_possible(self.config.dtype, device):
-            return None
-        cfg = self.launch_config or get_launch_config(
-            num_tokens, num_local=local_num_experts, num_global=global_num_experts, n=n_inter, k=k, top_k=top_k,
-            dtype=self.config.dtype, quant=self.quant, device=device,
-        )
-        if cfg.tma == "off" or resolve_routing_mode(cfg, num_tokens * top_k) != "sorted":
-            return None
-        return cfg.tma, cfg.gemm1.block_m
+        dtype = self.config.dtype
+        devices = ["cpu"] if triton_interpreting() else []
+        if torch.cuda.is_available():
+            devices.insert(0, f"cuda:{torch.cuda.current_device()}")
+        for device in devices:
+            if not tma_possible(dtype, device):
+                continue
+            cfg = self._launch_config_for(num_tokens, n_inter, k, top_k, global_num_experts, local_num_experts, dtype, device)
+            if cfg.tma != "off" and resolve_routing_mode(cfg, num_tokens * top_k) == "sorted":
+                return cfg.tma, cfg.gemm1.block_m
+        return None
 
     def weight_and_reduce(self) -> TopKWeightAndReduce:
         return WeightAndReduceNoOp()
@@ -153,7 +175,10 @@ class TritonExperts(TritonExpertsBase):
             expert_map=expert_map,
             global_num_experts=global_num_experts,
             mul_routed_weight=not apply_router_weight_on_input,
-            config=self.launch_config,
+            config=self._launch_config_for(
+                hidden_states.shape[0], weights.w2.shape[2], weights.w2.shape[1], topk_ids.shape[1],
+                global_num_experts, weights.w1.shape[0], output.dtype, hidden_states.device,
+            ),
             workspace13=workspace13,
             workspace2=workspace2,
             a1_scale=weights.a1_scale,

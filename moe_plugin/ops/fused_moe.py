@@ -39,10 +39,9 @@ import torch
 
 from ..config import FP8_DTYPE, QuantConfig, ScaleFormat, is_gated
 from ._dispatch import triton_available, use_triton
-from ._gemm_tiles import activate, dot_acc, tile_coords
 from ._jit import cast_for_store, kernel, load_valid_count
 from .align import _cdiv, _next_pow2
-from .launch_config import (  # noqa: F401  (config names re-exported: they are this module's API too)
+from .launch_config import (  # noqa: F401  (also reachable here, where they are used)
     CONFIG_DIR,
     CONFIG_DIR_ENV,
     FORCE_CONFIG_ENV,
@@ -84,6 +83,7 @@ _ACTIVATIONS = ("silu", "gelu", "swiglu", "relu2")
 # kernels
 
 if tl is not None:
+    from ._gemm_tiles import activate, dot_acc, tile_coords
 
     @kernel
     def _slot_rows(

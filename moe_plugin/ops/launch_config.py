@@ -82,7 +82,8 @@ class LaunchConfig:
     tma: str = "off"
     """Sorted routing with TMA-fed tiles (``ops.tma_gemm``; bf16 / fp16, Hopper+): ``"weights"`` loads the
     weights and GEMM2's input through descriptors while GEMM1 gathers its token rows with pointers;
-    ``"all"`` first scatters the tokens into sorted order so GEMM1 reads them through a descriptor too."""
+    ``"all"`` first scatters the tokens into sorted order so GEMM1 reads them through a descriptor too.
+    Standard format only: the batched format runs these tiles on the pointer kernel."""
     source: str = field(default="heuristic", compare=False)
 
     def __post_init__(self) -> None:

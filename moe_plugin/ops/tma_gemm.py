@@ -25,7 +25,6 @@ import logging
 
 import torch
 
-from ._gemm_tiles import activate, dot_acc, tile_coords
 from ._dispatch import triton_interpreting
 from ._jit import cast_for_store, kernel
 
@@ -191,6 +190,7 @@ def invoke_tma_gemm(
 
 
 if tl is not None:
+    from ._gemm_tiles import activate, dot_acc, tile_coords
 
     @kernel
     def _moe_gemm_tma_kernel(

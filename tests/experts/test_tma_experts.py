@@ -231,3 +231,38 @@ def test_padded_weight_rows_that_break_tma_alignment_fall_back(launched):
     out = fused_experts_triton(x, w1_padded, w2, w, ids, config=tma_cfg("all"), check_inputs=False)
     assert "_moe_gemm_tma_kernel" not in launched
     assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
+
+
+def test_tuned_file_tma_entry_plans_the_workspaces_apply_uses(tmp_path, monkeypatch):
+    # No pinned config: workspace_shapes and apply must resolve the same tuned entry (here a tma="all"
+    # one for this CPU "device"), so the TMA path runs in the declared buffers.
+    import json
+
+    m, e, top_k, hidden, inter = 24, 3, 2, 32, 16
+    x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float16, seed=9)
+    name = fm.config_file_name(e, inter, "cpu", "fp16")
+    entry = tma_cfg("all").to_dict()
+    (tmp_path / name).write_text(json.dumps({str(m): entry}))
+    monkeypatch.setenv(fm.CONFIG_DIR_ENV, str(tmp_path))
+    experts = TritonExperts(MoEConfig(e, top_k, hidden, inter, dtype=torch.float16))
+    shapes = experts.workspace_shapes(m, 2 * inter, hidden, top_k, e, e, None, "silu")
+    assert shapes.workspace13[0] >= m * top_k + fm.tma_workspace_rows(m * top_k, e, 16)
+    ws13 = torch.full(shapes.workspace13, float("nan"), dtype=torch.float16)
+    ws2 = torch.full(shapes.workspace2, float("nan"), dtype=torch.float16)
+    fresh = []
+    original = fm._bytes_view
+
+    def spy(buf, nbytes, device):
+        view = original(buf, nbytes, device)
+        fresh.append(buf is None or view.data_ptr() != buf.data_ptr())
+        return view
+
+    monkeypatch.setattr(fm, "_bytes_view", spy)
+    out = torch.empty(shapes.output, dtype=torch.float16)
+    experts.apply(
+        out, x, ExpertWeights(w1, w2), w, ids, activation="silu", global_num_experts=e, expert_map=None,
+        a1q_scale=None, workspace13=ws13, workspace2=ws2, expert_tokens_meta=None,
+        apply_router_weight_on_input=False,
+    )
+    assert fresh and not any(fresh)
+    assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
