@@ -140,6 +140,34 @@ def test_tma_needs_unquantized_row_major_16_byte_rows(launched):
         assert rel_err(out, naive.moe(*args)) < 3e-3
 
 
+def run_in_declared_workspaces(experts, x, w1, w2, w, ids, monkeypatch):
+    """``experts.apply`` in NaN-filled buffers of ``workspace_shapes``' sizes: (out, shapes, workspace13,
+    whether any of the pipeline's buffer requests fell back to a fresh allocation)."""
+    m, hidden = x.shape
+    e, top_k, inter = w1.shape[0], ids.shape[1], w2.shape[2]
+    shapes = experts.workspace_shapes(m, w1.shape[1], hidden, top_k, e, e, None, "silu")
+    ws13 = torch.full(shapes.workspace13, float("nan"), dtype=x.dtype)
+    ws2 = torch.full(shapes.workspace2, float("nan"), dtype=x.dtype)
+    fresh = []
+    original = fm._bytes_view
+
+    def spy(buf, nbytes, device):
+        view = original(buf, nbytes, device)
+        fresh.append(buf is None or view.data_ptr() != buf.data_ptr())
+        return view
+
+    monkeypatch.setattr(fm, "_bytes_view", spy)
+    out = torch.empty(shapes.output, dtype=x.dtype)
+    experts.apply(
+        out, x, ExpertWeights(w1, w2), w, ids, activation="silu", global_num_experts=e, expert_map=None,
+        a1q_scale=None, workspace13=ws13, workspace2=ws2, expert_tokens_meta=None,
+        apply_router_weight_on_input=False,
+    )
+    monkeypatch.setattr(fm, "_bytes_view", original)
+    assert fresh, "the pipeline asked for no buffer"
+    return out, shapes, ws13, any(fresh)
+
+
 def test_tma_uses_the_declared_workspaces(monkeypatch):
     # TritonExperts declares the sorted buffers its launch config needs (the token copy for "all" only), and
     # the TMA path must run in them (no allocation of its own).
@@ -147,30 +175,11 @@ def test_tma_uses_the_declared_workspaces(monkeypatch):
     x, w1, w2, w, ids = make_case(m, e, top_k, hidden, inter, dtype=torch.float16, seed=6)
     cfg = MoEConfig(e, top_k, hidden, inter, dtype=torch.float16)
     for tma in ("weights", "all"):
-        experts = TritonExperts(cfg, tma_cfg(tma))
-        shapes = experts.workspace_shapes(m, 2 * inter, hidden, top_k, e, e, None, "silu")
+        out, shapes, ws13, allocated = run_in_declared_workspaces(TritonExperts(cfg, tma_cfg(tma)), x, w1, w2, w, ids, monkeypatch)
         assert shapes.workspace2[0] >= fm.tma_workspace_rows(m * top_k, e, 16) * inter
         extra13 = shapes.workspace13[0] - m * top_k
         assert (extra13 >= fm.tma_workspace_rows(m * top_k, e, 16)) == (tma == "all")
-        ws13 = torch.full(shapes.workspace13, float("nan"), dtype=torch.float16)
-        ws2 = torch.full(shapes.workspace2, float("nan"), dtype=torch.float16)
-        fresh = []
-        original = fm._bytes_view
-
-        def spy(buf, nbytes, device):
-            view = original(buf, nbytes, device)
-            fresh.append(buf is None or view.data_ptr() != buf.data_ptr())
-            return view
-
-        monkeypatch.setattr(fm, "_bytes_view", spy)
-        out = torch.empty(shapes.output, dtype=torch.float16)
-        experts.apply(
-            out, x, ExpertWeights(w1, w2), w, ids, activation="silu", global_num_experts=e, expert_map=None,
-            a1q_scale=None, workspace13=ws13, workspace2=ws2, expert_tokens_meta=None,
-            apply_router_weight_on_input=False,
-        )
-        monkeypatch.setattr(fm, "_bytes_view", original)
-        assert fresh and not any(fresh)
+        assert not allocated
         assert not torch.isnan(ws13[: m * top_k]).any()  # every slot's GEMM2 row
         assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
 
@@ -245,24 +254,7 @@ def test_tuned_file_tma_entry_plans_the_workspaces_apply_uses(tmp_path, monkeypa
     (tmp_path / name).write_text(json.dumps({str(m): entry}))
     monkeypatch.setenv(fm.CONFIG_DIR_ENV, str(tmp_path))
     experts = TritonExperts(MoEConfig(e, top_k, hidden, inter, dtype=torch.float16))
-    shapes = experts.workspace_shapes(m, 2 * inter, hidden, top_k, e, e, None, "silu")
+    out, shapes, _, allocated = run_in_declared_workspaces(experts, x, w1, w2, w, ids, monkeypatch)
     assert shapes.workspace13[0] >= m * top_k + fm.tma_workspace_rows(m * top_k, e, 16)
-    ws13 = torch.full(shapes.workspace13, float("nan"), dtype=torch.float16)
-    ws2 = torch.full(shapes.workspace2, float("nan"), dtype=torch.float16)
-    fresh = []
-    original = fm._bytes_view
-
-    def spy(buf, nbytes, device):
-        view = original(buf, nbytes, device)
-        fresh.append(buf is None or view.data_ptr() != buf.data_ptr())
-        return view
-
-    monkeypatch.setattr(fm, "_bytes_view", spy)
-    out = torch.empty(shapes.output, dtype=torch.float16)
-    experts.apply(
-        out, x, ExpertWeights(w1, w2), w, ids, activation="silu", global_num_experts=e, expert_map=None,
-        a1q_scale=None, workspace13=ws13, workspace2=ws2, expert_tokens_meta=None,
-        apply_router_weight_on_input=False,
-    )
-    assert fresh and not any(fresh)
+    assert not allocated
     assert rel_err(out, naive.moe(x, w1, w2, w, ids)) < 3e-3
