@@ -101,6 +101,9 @@ class FusedMoE(nn.Module):
         expert_map = build_expert_map(config.num_experts, config.parallel, device)
         self.register_buffer("expert_map", expert_map, persistent=False)
         self.gate = nn.Linear(k, config.num_experts, bias=False, dtype=config.dtype, device=device) if with_gate else None
+        if self.gate is not None:
+            # Inference module (the custom op has no backward): like the expert weights, not trainable.
+            self.gate.weight.requires_grad_(False)
         if use_correction_bias:
             self.e_score_correction_bias = nn.Parameter(
                 torch.zeros(config.num_experts, dtype=torch.float32, device=device), requires_grad=False
@@ -123,6 +126,7 @@ class FusedMoE(nn.Module):
         self.kernel = kernel
         self.layer_name = f"moe_plugin.FusedMoE.{next(_LAYER_IDS)}"
         _LAYERS[self.layer_name] = self
+        self.register_state_dict_pre_hook(_merge_pending_scales)
 
     def __setstate__(self, state) -> None:
         # A copy (copy.deepcopy, unpickling) is a layer of its own: the custom op must reach it by a name
@@ -141,6 +145,19 @@ class FusedMoE(nn.Module):
                 self.renormalize,
                 num_expert_group=self.num_expert_group,
                 topk_group=self.topk_group,
+                scoring_func=self.scoring_func,
+                routed_scaling_factor=self.routed_scaling_factor,
+                e_score_correction_bias=self.e_score_correction_bias,
+            )
+        if self.e_score_correction_bias is not None:
+            # Bias-corrected selection over all experts: grouped top-k with one group is exactly that.
+            return grouped_topk(
+                hidden_states,
+                router_logits,
+                self.config.top_k,
+                self.renormalize,
+                num_expert_group=1,
+                topk_group=1,
                 scoring_func=self.scoring_func,
                 routed_scaling_factor=self.routed_scaling_factor,
                 e_score_correction_bias=self.e_score_correction_bias,
@@ -257,8 +274,22 @@ class FusedMoE(nn.Module):
         elif not gated:
             target = self.w13_weight_scale[local]
         else:
+            n = self.config.intermediate_size
+            block_n = quant.block_shape[0] if quant.block_shape is not None else 1
+            if n % block_n:
+                raise ValueError(
+                    f"experts.{expert_id}.{part} scale: with intermediate size {n} not a multiple of the "
+                    f"{block_n}-row scale block, gate and up share a block; load the stacked w13_weight_scale "
+                    f"[E, {self.w13_weight_scale.shape[1]}, {self.w13_weight_scale.shape[2]}] instead"
+                )
             half = self.w13_weight_scale.shape[1] // 2
             target = self.w13_weight_scale[local, :half] if part == "gate" else self.w13_weight_scale[local, half:]
+        if quant.block_shape is not None and tuple(scale.shape) != tuple(target.shape):
+            # A transposed [cols, rows] block grid has the right count: only the exact shape is safe.
+            raise ValueError(
+                f"experts.{expert_id}.{part} scale must have shape {tuple(target.shape)} for {quant.name}, "
+                f"got {tuple(scale.shape)}"
+            )
         if scale.numel() != target.numel():
             raise ValueError(
                 f"experts.{expert_id}.{part} scale must hold {target.numel()} values (shape {tuple(target.shape)}) "
@@ -272,6 +303,7 @@ class FusedMoE(nn.Module):
             return
         target.copy_(scale.reshape(target.shape))
 
+    @torch.compiler.disable
     def _requantize_per_tensor_w13(self) -> None:
         half = self.config.intermediate_size
         for local in sorted(self._pending_requant):
@@ -321,10 +353,13 @@ class FusedMoE(nn.Module):
                 self._check_shape(name, src, target.shape)
                 target.copy_(src)
                 loaded.add(name)
-            elif name.endswith("gate.weight") and self.gate is not None:
+            elif (name == "gate.weight" or name.endswith(".gate.weight")) and self.gate is not None:
+                # (exact leaf: Qwen2-MoE's ``shared_expert_gate.weight`` [1, K] is not the router)
+                _check_tensor_shape(name, tensor, tuple(self.gate.weight.shape))
                 self.gate.weight.copy_(tensor)
                 loaded.add(name)
-            elif name.endswith("e_score_correction_bias") and self.e_score_correction_bias is not None:
+            elif leaf == "e_score_correction_bias" and self.e_score_correction_bias is not None:
+                _check_tensor_shape(name, tensor, tuple(self.e_score_correction_bias.shape))
                 self.e_score_correction_bias.copy_(tensor)
                 loaded.add(name)
         return loaded
@@ -347,3 +382,18 @@ class FusedMoE(nn.Module):
             f"intermediate={c.intermediate_size}, activation={c.activation}, quant={c.quant.name}, "
             f"kernel={self.kernel.describe()}"
         )
+
+
+def _merge_pending_scales(module: "FusedMoE", prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: per-tensor FP8 gate/up scales loaded but not yet merged (the merge waits for
+    the first forward) are merged now, so the saved weights and scales are the ones the layer runs."""
+    if module._pending_requant:
+        with torch.no_grad():
+            module._requantize_per_tensor_w13()
+
+
+def _check_tensor_shape(name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")

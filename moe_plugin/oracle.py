@@ -249,6 +249,10 @@ def explain(config: MoEConfig, device: torch.device | str | None = None, **kwarg
     return select(config, device, **kwargs).explain()
 
 
+PREPARE_FINALIZE_KWARGS = frozenset({"group", "timeout", "check_config", "num_worst_tokens", "max_num_tokens", "pack_ue8m0"})
+"""Every keyword some prepare/finalize backend's ``from_config`` takes (``select_kernel`` refuses others)."""
+
+
 def select_kernel(
     config: MoEConfig,
     device: torch.device | str | None = None,
@@ -263,6 +267,12 @@ def select_kernel(
     ``prepare_finalize_kwargs`` reach the prepare/finalize backend's ``from_config`` (e.g. ``group=`` for
     the EP backends).
     """
+    unknown = sorted(set(prepare_finalize_kwargs) - PREPARE_FINALIZE_KWARGS)
+    if unknown:
+        # A misspelled option (or a FusedMoE keyword that does not exist) must not be dropped silently.
+        raise TypeError(
+            f"unknown keyword argument(s) {unknown}; the prepare/finalize backends take {sorted(PREPARE_FINALIZE_KWARGS)}"
+        )
     selection = select(config, device, experts=experts, prepare_finalize=prepare_finalize)
     pf = selection.prepare_finalize.from_config(config, **prepare_finalize_kwargs)
     kernel = ModularKernel(pf, selection.experts(config), shared_experts=shared_experts)

@@ -83,6 +83,11 @@ def grouped_topk(
     then multiplied by ``routed_scaling_factor``. ``num_expert_group=0`` means one group.
     """
     _check_router_inputs(hidden_states, gating_output, topk, scoring_func)
+    for name, value in (("num_expert_group", num_expert_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise TypeError(f"{name} must be a non-negative int (0 = one group / all groups), got {value!r}")
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
+        raise TypeError(f"routed_scaling_factor must be a real number, got {routed_scaling_factor!r}")
     m, num_experts = gating_output.shape
     groups = num_expert_group or 1
     keep_groups = topk_group or groups
