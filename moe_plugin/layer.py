@@ -215,8 +215,7 @@ class FusedMoE(nn.Module):
         return local if local >= 0 else None
 
     def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-        if tuple(tensor.shape) != tuple(want):
-            raise ValueError(f"{name} must have shape {tuple(want)}, got {tuple(tensor.shape)}")
+        _check_tensor_shape(name, tensor, tuple(want))
         # An FP8 layer given 16-bit weights would cast them with an implied scale of 1: refuse instead.
         if self.config.quant.is_quantized and not name.endswith("scale") and tensor.dtype != FP8_DTYPE:
             raise TypeError(
