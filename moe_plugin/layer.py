@@ -137,27 +137,16 @@ class FusedMoE(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def route(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_grouped_topk:
+        grouped = self.use_grouped_topk
+        if grouped or self.e_score_correction_bias is not None:
+            # Without grouping, bias-corrected selection over all experts is grouped top-k with one group.
             return grouped_topk(
                 hidden_states,
                 router_logits,
                 self.config.top_k,
                 self.renormalize,
-                num_expert_group=self.num_expert_group,
-                topk_group=self.topk_group,
-                scoring_func=self.scoring_func,
-                routed_scaling_factor=self.routed_scaling_factor,
-                e_score_correction_bias=self.e_score_correction_bias,
-            )
-        if self.e_score_correction_bias is not None:
-            # Bias-corrected selection over all experts: grouped top-k with one group is exactly that.
-            return grouped_topk(
-                hidden_states,
-                router_logits,
-                self.config.top_k,
-                self.renormalize,
-                num_expert_group=1,
-                topk_group=1,
+                num_expert_group=self.num_expert_group if grouped else 1,
+                topk_group=self.topk_group if grouped else 1,
                 scoring_func=self.scoring_func,
                 routed_scaling_factor=self.routed_scaling_factor,
                 e_score_correction_bias=self.e_score_correction_bias,
