@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -249,8 +250,14 @@ def explain(config: MoEConfig, device: torch.device | str | None = None, **kwarg
     return select(config, device, **kwargs).explain()
 
 
-PREPARE_FINALIZE_KWARGS = frozenset({"group", "timeout", "check_config", "num_worst_tokens", "max_num_tokens", "pack_ue8m0"})
-"""Every keyword some prepare/finalize backend's ``from_config`` takes (``select_kernel`` refuses others)."""
+def known_prepare_finalize_kwargs() -> frozenset[str]:
+    """Every keyword some registered prepare/finalize backend's ``from_config`` names (``select_kernel``
+    refuses others); read from the signatures, so a newly registered backend's options count too."""
+    names: set[str] = set()
+    for entry in PREPARE_FINALIZE_REGISTRY:
+        params = list(inspect.signature(entry.load().from_config).parameters.values())[1:]  # after config
+        names.update(p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    return frozenset(names)
 
 
 def select_kernel(
@@ -267,12 +274,11 @@ def select_kernel(
     ``prepare_finalize_kwargs`` reach the prepare/finalize backend's ``from_config`` (e.g. ``group=`` for
     the EP backends).
     """
-    unknown = sorted(set(prepare_finalize_kwargs) - PREPARE_FINALIZE_KWARGS)
+    known = known_prepare_finalize_kwargs()
+    unknown = sorted(set(prepare_finalize_kwargs) - known)
     if unknown:
         # A misspelled option (or a FusedMoE keyword that does not exist) must not be dropped silently.
-        raise TypeError(
-            f"unknown keyword argument(s) {unknown}; the prepare/finalize backends take {sorted(PREPARE_FINALIZE_KWARGS)}"
-        )
+        raise TypeError(f"unknown keyword argument(s) {unknown}; the prepare/finalize backends take {sorted(known)}")
     selection = select(config, device, experts=experts, prepare_finalize=prepare_finalize)
     pf = selection.prepare_finalize.from_config(config, **prepare_finalize_kwargs)
     kernel = ModularKernel(pf, selection.experts(config), shared_experts=shared_experts)
