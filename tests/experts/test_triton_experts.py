@@ -553,6 +553,10 @@ def test_heuristic_regimes():
     assert prefill.routing == "sorted" and prefill.gemm1.block_m == 128 and prefill.gemm1.num_warps == 8
     fp8_prefill = fm.heuristic_config(16384, 32, 256, 2048, 7168, 8, fp8=True, num_sms=132, group_k=128)
     assert fp8_prefill.gemm1.block_k <= 128 and fp8_prefill.gemm1.block_n % 128 == 0  # fused requant
+    # 32 rows per expert: FP8 takes 64-row tiles (a separate input quantization), bf16 keeps 32
+    fp8_mid = fm.heuristic_config(1024, 32, 256, 2048, 7168, 8, fp8=True, num_sms=132, group_k=128)
+    assert fp8_mid.gemm1.block_m == 64
+    assert fm.heuristic_config(1024, 32, 256, 2048, 7168, 8, fp8=False, num_sms=132).gemm1.block_m == 32
 
 
 def test_config_file_lookup(tmp_path, monkeypatch):
