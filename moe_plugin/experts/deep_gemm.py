@@ -74,15 +74,17 @@ DEEPGEMM_M_ALIGNMENT = 128
 of DeepGEMM 2.x on SM90/SM100; the library's own value is used when it is importable)."""
 
 DEEPGEMM_MIN_TOKENS: dict[tuple[int, int], int] = {
-    (7168, 2048): 1024,  # DeepSeek-V3 EP8 shard: Triton FP8 550 vs DeepGEMM 694 us at M=256, 1086 vs 679 at 1024
+    # DeepSeek-V3 EP8 shard, with the Triton FP8 launch configs tuned 2026-11-26: Triton FP8 579 vs DeepGEMM
+    # 659 us at M=1024, 695 vs 677 at 2048, 1010 vs 875 at 4096 (the untuned configs had crossed at 1024)
+    (7168, 2048): 2048,
     (2048, 768): 4096,  # qwen3-30B-A3B: Triton FP8 343 vs DeepGEMM 424 us at M=1024, 881 vs 666 at 4096
     # Mixtral-8x7B: DeepGEMM 664 vs Triton FP8 757 us at M=64 but 712 vs 664 at 256; 1053 vs 1592 at 1024,
     # 2649 vs 5609 at 4096: it wins at every measured size from 1024 up
     (4096, 14336): 1024,
 }
 """Measured crossovers, ``(K, N) -> `` the smallest ``MoEConfig.max_num_tokens`` (tokens per call on a rank)
-at which DeepGemmExperts beat the Triton FP8 experts: scripts/bench_deepgemm.py on an H100, 2026-11-25,
-CUDA-graph medians (docs/benchmarks.md). Small matrices cross over later: DeepGEMM's fixed cost outside
+at which DeepGemmExperts beat the Triton FP8 experts: scripts/bench_deepgemm.py on an H100, 2026-11-25
+(DeepSeek shard: 2026-11-26), CUDA-graph medians (docs/benchmarks.md). Small matrices cross over later: DeepGEMM's fixed cost outside
 the GEMMs (scatter, activation, gather) weighs more against a cheap GEMM. A shape not listed takes the
 crossover of the measured shape whose ``K * N`` is nearest on a log scale (``deepgemm_min_tokens``)."""
 

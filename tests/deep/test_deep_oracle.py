@@ -68,12 +68,15 @@ def test_sm100_with_ue8m0_is_accepted():
 
 
 def test_threshold_comes_from_the_measured_crossover_of_the_shape():
-    # qwen3 (K 2048, N 768) was measured to cross over at 4096 tokens, the DeepSeek shard at 1024.
+    # qwen3 (K 2048, N 768) was measured to cross over at 4096 tokens, the DeepSeek shard at 2048.
     sel = select(qwen(max_num_tokens=1024), caps=caps())
     assert sel.experts.name != "deep_gemm"
     assert "max_num_tokens=1024 is below DEEPGEMM_MIN_TOKENS=4096 (measured K=2048 N=768)" in verdict(sel, "deep_gemm")
     assert select(qwen(max_num_tokens=4096), caps=caps()).experts.name == "deep_gemm"
-    assert select(dsv3(1024), caps=caps(), prepare_finalize="deepep_ht").experts.name == "deep_gemm"
+    assert select(dsv3(2048), caps=caps(), prepare_finalize="deepep_ht").experts.name == "deep_gemm"
+    below = select(dsv3(1024), caps=caps(), prepare_finalize="deepep_ht")
+    assert below.experts.name != "deep_gemm"
+    assert "max_num_tokens=1024 is below DEEPGEMM_MIN_TOKENS=2048 (measured K=7168 N=2048)" in verdict(below, "deep_gemm")
 
 
 def test_unmeasured_shape_takes_the_nearest_measured_crossover(monkeypatch):
