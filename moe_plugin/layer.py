@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import re
 import weakref
 from typing import Iterable, Mapping
@@ -162,6 +163,12 @@ class FusedMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden_states [..., K]`` -> ``[..., K]``. Runs as the custom op ``moe_plugin::moe_layer_forward``
         so torch.compile sees one opaque call instead of the data-dependent routing inside."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise TypeError(f"hidden_states must be a torch.Tensor [..., {self.config.hidden_size}], got {type(hidden_states).__name__}")
+        if hidden_states.dim() == 0 or hidden_states.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"hidden_states must have shape [..., {self.config.hidden_size}] (hidden_size), got {tuple(hidden_states.shape)}"
+            )
         if self._pending_requant:
             self.finalize_weights()
         shape = hidden_states.shape
@@ -196,6 +203,13 @@ class FusedMoE(nn.Module):
 
     # ---- weight loading --------------------------------------------------------------------------
     def _local_index(self, global_id: int) -> int | None:
+        # bool is an int to Python, but True as an expert id is a caller's mistake, not expert 1
+        if isinstance(global_id, bool):
+            raise TypeError(f"expert id must be an int, got bool {global_id!r}")
+        try:
+            global_id = operator.index(global_id)
+        except TypeError:
+            raise TypeError(f"expert id must be an int, got {type(global_id).__name__} {global_id!r}") from None
         if not 0 <= global_id < self.config.num_experts:
             raise ValueError(f"expert id {global_id} out of range [0, {self.config.num_experts})")
         if self.expert_map is None:
@@ -205,6 +219,9 @@ class FusedMoE(nn.Module):
 
     def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
         _check_tensor_shape(name, tensor, tuple(want))
+        # copy_ would silently convert integer tensors (a wrong checkpoint entry) into weights
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
         # An FP8 layer given 16-bit weights would cast them with an implied scale of 1: refuse instead.
         if self.config.quant.is_quantized and not name.endswith("scale") and tensor.dtype != FP8_DTYPE:
             raise TypeError(
@@ -315,10 +332,21 @@ class FusedMoE(nn.Module):
         [E, 2N, K]``, ``w2_weight [E, K, N]`` and their ``_scale``), plus ``gate.weight`` and
         ``e_score_correction_bias``. Returns the names consumed; tensors for other ranks' experts count
         as consumed."""
-        items = weights.items() if isinstance(weights, Mapping) else weights
+        if isinstance(weights, Mapping):
+            items = weights.items()
+        elif isinstance(weights, Iterable) and not isinstance(weights, (str, bytes, torch.Tensor)):
+            items = weights
+        else:
+            raise TypeError(
+                "weights must be a mapping of name -> tensor or an iterable of (name, tensor) pairs, "
+                f"got {type(weights).__name__}"
+            )
         loaded: set[str] = set()
         owned = torch.tensor(self.local_expert_ids, dtype=torch.long)
-        for name, tensor in items:
+        for item in items:
+            if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+                raise TypeError(f"weights must yield (name: str, tensor) pairs, got {item!r:.80}")
+            name, tensor = item
             match = _PER_EXPERT.search(name)
             if match:
                 expert, proj, kind = int(match.group(1)), _ROLE[match.group(2)], match.group(3)
@@ -337,7 +365,9 @@ class FusedMoE(nn.Module):
             }
             if leaf in stacked and stacked[leaf] is not None:
                 target = stacked[leaf]
-                src = tensor[owned.to(tensor.device)] if tensor.shape[0] == self.config.num_experts else tensor
+                if not isinstance(tensor, torch.Tensor):
+                    raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+                src = tensor[owned.to(tensor.device)] if tensor.dim() and tensor.shape[0] == self.config.num_experts else tensor
                 self._check_shape(name, src, target.shape)
                 target.copy_(src)
                 loaded.add(name)
@@ -356,7 +386,8 @@ class FusedMoE(nn.Module):
     def finalize_weights(self) -> None:
         """Call once after loading (the first forward does it otherwise): merges per-tensor FP8 gate/up
         scales into one per expert, and lets the experts backend convert weights into its own layout (e.g.
-        DeepGEMM's scale layout) at load time instead of on the first forward."""
+        DeepGEMM's scale layout) at load time instead of on the first forward. Call it before
+        ``torch.compile(..., fullgraph=True)``: the merge rewrites weights in place and runs eagerly."""
         if self._pending_requant:
             self._requantize_per_tensor_w13()
         prepare = getattr(self.kernel.experts, "prepare_weights", None)

@@ -106,3 +106,64 @@ def test_grouped_topk_parameter_types(kw):
     (name,) = kw
     with pytest.raises(TypeError, match=name):
         grouped_topk(torch.randn(3, 8), torch.randn(3, 8), 2, True, **kw)
+
+
+@pytest.mark.parametrize(
+    "call,error,needle",
+    [
+        (lambda m, x: m("x", torch.randn(3, 4)), TypeError, "hidden_states must be a torch.Tensor"),
+        (lambda m, x: m(torch.randn(3, 31), torch.randn(3, 4)), ValueError, "hidden_states must have shape [..., 32]"),
+        (lambda m, x: m(torch.tensor(1.0), torch.randn(1, 4)), ValueError, "got ()"),
+        (lambda m, x: m.load_expert("0", gate=x), TypeError, "expert id must be an int, got str"),
+        (lambda m, x: m.load_expert(0.0, gate=x), TypeError, "expert id must be an int, got float"),
+        (lambda m, x: m.load_expert(True, gate=x), TypeError, "got bool"),
+        (lambda m, x: m.load_expert(0, gate=x.to(torch.int64)), TypeError, "experts.0.gate must be a floating-point tensor"),
+        (lambda m, x: m.load_weights(5), TypeError, "weights must be a mapping"),
+        (lambda m, x: m.load_weights("experts.0.w1.weight"), TypeError, "weights must be a mapping"),
+        (lambda m, x: m.load_weights([("experts.0.w1.weight",)]), TypeError, "(name: str, tensor) pairs"),
+        (lambda m, x: m.load_weights({"w13_weight": "x"}), TypeError, "w13_weight must be a torch.Tensor, got str"),
+    ],
+)
+def test_bad_forward_and_loading_arguments_are_named(call, error, needle):
+    layer = FusedMoE(MoEConfig(4, 2, 32, 16, dtype=torch.float32))
+    with pytest.raises(error) as info:
+        call(layer, torch.zeros(16, 32))
+    assert needle in str(info.value)
+
+
+def test_expert_ids_may_be_any_integer_type():
+    layer = FusedMoE(MoEConfig(4, 2, 32, 16, dtype=torch.float32))
+    gate = torch.randn(16, 32)
+    assert layer.load_expert(torch.tensor(2), gate=gate)
+    assert torch.equal(layer.w13_weight[2, :16], gate)
+    consumed = layer.load_weights([["experts.1.w1.weight", gate * 2]])
+    assert consumed == {"experts.1.w1.weight"} and torch.equal(layer.w13_weight[1, :16], gate * 2)
+
+
+def _pending_per_tensor_layer():
+    torch.manual_seed(3)
+    e, k, n = 4, 32, 16
+    layer = FusedMoE(MoEConfig(e, 2, k, n, dtype=torch.bfloat16, quant=QuantConfig("fp8_w8a8")))
+    for i in range(e):
+        layer.load_expert(i, gate=(torch.randn(n, k) / 4).to(FP8), up=(torch.randn(n, k) / 4).to(FP8),
+                          down=(torch.randn(k, n) / 4).to(FP8), gate_scale=torch.tensor(0.5 + i),
+                          up_scale=torch.tensor(2.0), down_scale=torch.tensor(1.0))
+    return layer, torch.randn(5, k).to(torch.bfloat16), torch.randn(5, e)
+
+
+def test_compile_with_pending_per_tensor_merge():
+    torch._dynamo.reset()
+    eager, x, logits = _pending_per_tensor_layer()
+    want = eager(x, logits)
+    # fullgraph stops at the eager merge; after finalize_weights the whole forward is one graph
+    layer, _, _ = _pending_per_tensor_layer()
+    with pytest.raises(Exception, match="finalize_weights|_requantize_per_tensor_w13"):
+        torch.compile(layer, fullgraph=True, backend="eager")(x, logits)
+    layer, _, _ = _pending_per_tensor_layer()
+    layer.finalize_weights()
+    assert torch.equal(torch.compile(layer, fullgraph=True, backend="eager")(x, logits), want)
+    # without fullgraph the first compiled call merges eagerly
+    layer, _, _ = _pending_per_tensor_layer()
+    compiled = torch.compile(layer, backend="eager")
+    assert torch.equal(compiled(x, logits), want) and torch.equal(compiled(x, logits), want)
+    assert not layer._pending_requant
