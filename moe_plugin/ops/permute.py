@@ -312,28 +312,32 @@ def _scatter_rows_kernel(
     HAS_SCALES: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    # Token-major: each row tile is read once and written to all of its token's destinations.
+    # Token-major: each row tile is read once and written to all of its token's destinations. Per slot a
+    # scalar branch, not a [TOP_K, BLOCK_K] masked store: with expert parallelism most slots are placed on
+    # other ranks, and a masked-off lane still costs its instructions (the 2-D form kept the copy
+    # issue-bound, at half the DRAM bandwidth).
     token = tl.program_id(0)
     kb = tl.program_id(1)
     j = tl.arange(0, TOP_K_P2)
     dest = tl.load(inv_ptr + token * TOP_K + j, mask=j < TOP_K, other=-1)
-    placed = (dest >= 0) & (dest < dst_rows)
-    dest64 = dest.to(tl.int64)
-    cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < K
+    n_placed = tl.sum(((dest >= 0) & (dest < dst_rows)).to(tl.int32), axis=0)
     # A token none of whose slots is placed here (EP: its experts live on other ranks) is not read at all.
-    n_placed = tl.sum(placed.to(tl.int32), axis=0)
-    load_ok = col_ok & ((tl.zeros((BLOCK_K,), tl.int32) + n_placed) > 0)
-    row = tl.load(src_ptr + token.to(tl.int64) * src_stride + cols, mask=load_ok)
-    ptrs = dst_ptr + dest64[:, None] * dst_stride + cols[None, :]
-    tl.store(ptrs, tl.broadcast_to(row[None, :], (TOP_K_P2, BLOCK_K)), mask=placed[:, None] & col_ok[None, :])
-    if HAS_SCALES:
-        if kb == 0:
+    if n_placed > 0:
+        cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        row = tl.load(src_ptr + token.to(tl.int64) * src_stride + cols, mask=col_ok)
+        if HAS_SCALES:
             g = tl.arange(0, BLOCK_G)
             g_ok = g < G
             s = tl.load(scale_ptr + token.to(tl.int64) * scale_stride0 + g * scale_stride1, mask=g_ok)
-            s_ptrs = scale_out_ptr + dest64[:, None] * scale_out_stride0 + g[None, :] * scale_out_stride1
-            tl.store(s_ptrs, tl.broadcast_to(s[None, :], (TOP_K_P2, BLOCK_G)), mask=placed[:, None] & g_ok[None, :])
+        for jj in tl.static_range(TOP_K):
+            d = tl.load(inv_ptr + token * TOP_K + jj)
+            if (d >= 0) & (d < dst_rows):
+                d64 = d.to(tl.int64)
+                tl.store(dst_ptr + d64 * dst_stride + cols, row, mask=col_ok)
+                if HAS_SCALES:
+                    if kb == 0:
+                        tl.store(scale_out_ptr + d64 * scale_out_stride0 + g * scale_out_stride1, s, mask=g_ok)
 
 
 @kernel
@@ -403,16 +407,18 @@ def _gather_rows_kernel(
     cols = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     acc = tl.zeros((BLOCK_K,), tl.float32)
-    # Slots in order j = 0, 1, ...: the torch path sums in the same order.
+    # Slots in order j = 0, 1, ...: the torch path sums in the same order. A slot that is not here (another
+    # rank's expert, dropped) costs one scalar load: a scalar branch skips its row, where a masked load
+    # still spent the instructions of every lane (that kept the gather issue-bound at half the DRAM
+    # bandwidth when most slots are remote).
     for j in tl.static_range(TOP_K):
-        # Broadcast first: the 3.9 interpreter rejects masks built from a scalar & a vector.
-        dest = tl.load(inv_ptr + token * TOP_K + j) + tl.zeros((BLOCK_K,), tl.int32)
-        ok = col_ok & (dest >= 0) & (dest < bound)
-        row = tl.load(src_ptr + dest.to(tl.int64) * src_stride + cols, mask=ok, other=0.0).to(tl.float32)
-        if HAS_WEIGHTS:
-            w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
-            row = row * w
-        acc += tl.where(ok, row, 0.0)
+        dest = tl.load(inv_ptr + token * TOP_K + j)
+        if (dest >= 0) & (dest < bound):
+            row = tl.load(src_ptr + dest.to(tl.int64) * src_stride + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if HAS_WEIGHTS:
+                w = tl.load(w_ptr + token.to(tl.int64) * w_stride0 + j * w_stride1).to(tl.float32)
+                row = row * w
+            acc += row
     out = cast_for_store(acc, out_ptr.dtype.element_ty, SOFT_ROUND)
     tl.store(out_ptr + token.to(tl.int64) * out_stride + cols, out, mask=col_ok)
 
