@@ -203,8 +203,9 @@ class FusedMoE(nn.Module):
 
     # ---- weight loading --------------------------------------------------------------------------
     def _local_index(self, global_id: int) -> int | None:
-        # bool is an int to Python, but True as an expert id is a caller's mistake, not expert 1
-        if isinstance(global_id, bool):
+        # bool is an int to Python (and a bool tensor converts), but True as an expert id is a caller's
+        # mistake, not expert 1
+        if isinstance(global_id, bool) or (isinstance(global_id, torch.Tensor) and global_id.dtype == torch.bool):
             raise TypeError(f"expert id must be an int, got bool {global_id!r}")
         try:
             global_id = operator.index(global_id)
@@ -219,9 +220,7 @@ class FusedMoE(nn.Module):
 
     def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
         _check_tensor_shape(name, tensor, tuple(want))
-        # copy_ would silently convert integer tensors (a wrong checkpoint entry) into weights
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        _check_float_tensor(name, tensor)
         # An FP8 layer given 16-bit weights would cast them with an implied scale of 1: refuse instead.
         if self.config.quant.is_quantized and not name.endswith("scale") and tensor.dtype != FP8_DTYPE:
             raise TypeError(
@@ -270,6 +269,7 @@ class FusedMoE(nn.Module):
         return True
 
     def _load_scale(self, expert_id: int, local: int, part: str, scale: torch.Tensor, gated: bool) -> None:
+        _check_float_tensor(f"experts.{expert_id}.{part} scale", scale)
         quant = self.config.quant
         per_tensor = quant.block_shape is None and not quant.per_act_token
         if part == "down":
@@ -334,13 +334,16 @@ class FusedMoE(nn.Module):
         as consumed."""
         if isinstance(weights, Mapping):
             items = weights.items()
-        elif isinstance(weights, Iterable) and not isinstance(weights, (str, bytes, torch.Tensor)):
-            items = weights
         else:
-            raise TypeError(
-                "weights must be a mapping of name -> tensor or an iterable of (name, tensor) pairs, "
-                f"got {type(weights).__name__}"
-            )
+            try:
+                if isinstance(weights, (str, bytes, torch.Tensor)):
+                    raise TypeError
+                items = iter(weights)
+            except TypeError:
+                raise TypeError(
+                    "weights must be a mapping of name -> tensor or an iterable of (name, tensor) pairs, "
+                    f"got {type(weights).__name__}"
+                ) from None
         loaded: set[str] = set()
         owned = torch.tensor(self.local_expert_ids, dtype=torch.long)
         for item in items:
@@ -374,10 +377,12 @@ class FusedMoE(nn.Module):
             elif (name == "gate.weight" or name.endswith(".gate.weight")) and self.gate is not None:
                 # (exact leaf: Qwen2-MoE's ``shared_expert_gate.weight`` [1, K] is not the router)
                 _check_tensor_shape(name, tensor, tuple(self.gate.weight.shape))
+                _check_float_tensor(name, tensor)
                 self.gate.weight.copy_(tensor)
                 loaded.add(name)
             elif leaf == "e_score_correction_bias" and self.e_score_correction_bias is not None:
                 _check_tensor_shape(name, tensor, tuple(self.e_score_correction_bias.shape))
+                _check_float_tensor(name, tensor)
                 self.e_score_correction_bias.copy_(tensor)
                 loaded.add(name)
         return loaded
@@ -409,6 +414,14 @@ def _merge_pending_scales(module: "FusedMoE", prefix: str, keep_vars: bool) -> N
     if module._pending_requant:
         with torch.no_grad():
             module._requantize_per_tensor_w13()
+
+
+def _check_float_tensor(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    # copy_ would silently convert an integer tensor (a wrong checkpoint entry) into weights or scales
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
 
 
 def _check_tensor_shape(name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:

@@ -167,3 +167,39 @@ def test_compile_with_pending_per_tensor_merge():
     compiled = torch.compile(layer, backend="eager")
     assert torch.equal(compiled(x, logits), want) and torch.equal(compiled(x, logits), want)
     assert not layer._pending_requant
+
+
+@pytest.mark.parametrize(
+    "call,error,needle",
+    [
+        (lambda m: m.load_expert(0, down_scale=0.5), TypeError, "experts.0.down scale must be a torch.Tensor, got float"),
+        (lambda m: m.load_expert(0, down_scale=torch.ones((), dtype=torch.int32)), TypeError,
+         "experts.0.down scale must be a floating-point tensor"),
+        (lambda m: m.load_weights({"experts.0.w2.weight_scale": 0.5}), TypeError, "experts.0.down scale must be a torch.Tensor"),
+        (lambda m: m.load_expert(torch.tensor(True), down_scale=torch.ones(())), TypeError, "got bool"),
+    ],
+)
+def test_bad_scale_arguments_are_named(call, error, needle):
+    layer = FusedMoE(MoEConfig(4, 2, 32, 16, dtype=torch.bfloat16, quant=QuantConfig("fp8_w8a8")))
+    with pytest.raises(error) as info:
+        call(layer)
+    assert needle in str(info.value)
+
+
+def test_gate_and_bias_refuse_integer_tensors_and_getitem_iterables_load():
+    layer = FusedMoE(MoEConfig(4, 2, 32, 16, dtype=torch.float32), with_gate=True, use_correction_bias=True)
+    with pytest.raises(TypeError, match="gate.weight must be a floating-point tensor"):
+        layer.load_weights({"gate.weight": torch.ones(4, 32, dtype=torch.int64)})
+    with pytest.raises(TypeError, match="e_score_correction_bias must be a floating-point tensor"):
+        layer.load_weights({"e_score_correction_bias": torch.ones(4, dtype=torch.int64)})
+
+    class OldStyleSequence:  # iterable through __getitem__ only
+        def __init__(self, items):
+            self.items = items
+
+        def __getitem__(self, i):
+            return self.items[i]
+
+    gate = torch.randn(4, 32)
+    assert layer.load_weights(OldStyleSequence([("gate.weight", gate)])) == {"gate.weight"}
+    assert torch.equal(layer.gate.weight, gate)

@@ -373,13 +373,14 @@ def heuristic_for_rows(
     routing = "slot" if slots is not None and slots <= 64 else "sorted"
     if rows_per_expert <= 16:
         bm = 16
-    elif rows_per_expert <= 48 and not fp8:
+    elif rows_per_expert <= 48 and not (fp8 and group_k is not None):
         bm = 32
     elif rows_per_expert <= 160 or fp8:
         # FP8 block scales need a second accumulator per K step: 128-row gated tiles spill registers.
-        # FP8 skips 32-row tiles: those quantize their bf16 rows on load, once per column tile, which
-        # at 32 rows per expert already costs more than one separate quantization pass (H100, DeepSeek
-        # shard M=1024: 1085 us at 32 rows vs 685 us at 64, tuner's measurement).
+        # Block FP8 skips 32-row tiles: on model-dtype input those quantize their rows on load, once per
+        # column tile, which at 32 rows per expert already costs more than one separate quantization pass
+        # (H100, DeepSeek shard M=1024: 1066 us at 32 rows vs 580 at 64). Measured with bf16 input only;
+        # per-tensor / per-channel FP8 (never quantized on load) keep the 32-row tiles.
         bm = 64
     else:
         bm = 128

@@ -557,6 +557,8 @@ def test_heuristic_regimes():
     fp8_mid = fm.heuristic_config(1024, 32, 256, 2048, 7168, 8, fp8=True, num_sms=132, group_k=128)
     assert fp8_mid.gemm1.block_m == 64
     assert fm.heuristic_config(1024, 32, 256, 2048, 7168, 8, fp8=False, num_sms=132).gemm1.block_m == 32
+    # per-tensor FP8 (no block group) never quantizes on load: it keeps the 32-row tiles
+    assert fm.heuristic_config(1024, 32, 256, 2048, 7168, 8, fp8=True, num_sms=132).gemm1.block_m == 32
 
 
 def test_config_file_lookup(tmp_path, monkeypatch):
