@@ -332,3 +332,36 @@ def test_ep_scatter_rejects_a_bad_m_sum():
     x = torch.zeros(4, 16, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of alignment"):
         ep_scatter(x, None, torch.zeros(4, 2, dtype=torch.int32), 2, alignment=16, m_sum=20)
+
+
+def test_wide_rows_skip_remote_slots_exactly(backend):
+    # Rows of several column blocks (4 KB per program: 2 for the FP8 scatter, 3+ for the bf16 gather),
+    # top_k not a power of two, most slots
+    # remote (EP): the rows a remote slot would point at hold NaN and its weight is NaN, so any read of
+    # a remote slot shows up; per-row scales must reach each destination once, whatever column block.
+    m, k, e, hidden = 7, 3, 8, 4096 + 64
+    x, ids, scales, weights = make_inputs(m, k, e, hidden, FP8, seed=21)
+    ids[0] = torch.tensor([0, 2, 4], dtype=torch.int32)  # token 0: only remote experts under this map
+    expert_map, n_local = expert_map_for("ep", e)
+    res = ep_scatter(x, scales, ids, n_local, expert_map, alignment=8)
+    inv = res.inv_perm
+    assert (inv[0] < 0).all() and (inv >= 0).any() and (inv < 0).sum() > inv.numel() // 3
+    for t in range(m):
+        for j in range(k):
+            r = int(inv[t, j])
+            if r >= 0:
+                assert torch.equal(res.hidden_states[r].view(torch.uint8), x[t].view(torch.uint8))
+                assert torch.equal(res.scales[r], scales[t])
+    rows = torch.full((res.hidden_states.shape[0], hidden), float("nan"), dtype=torch.bfloat16)
+    placed = inv[inv >= 0].long()
+    rows[placed] = torch.randn(placed.numel(), hidden).to(torch.bfloat16)
+    w = torch.where(inv >= 0, weights, torch.full_like(weights, float("nan")))
+    out = ep_gather(rows, w, inv, out=torch.empty(m, hidden, dtype=torch.float32))
+    want = torch.zeros(m, hidden, dtype=torch.float64)
+    for t in range(m):
+        for j in range(k):
+            r = int(inv[t, j])
+            if r >= 0:
+                want[t] += rows[r].double() * float(w[t, j])
+    assert torch.equal(out[0], torch.zeros(hidden))
+    torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
