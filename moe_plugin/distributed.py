@@ -25,6 +25,9 @@ from .config import ExpertPlacement, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
+_SPLIT_GROUPS: dict[int, tuple[object, object]] = {}
+"""``EPGroup.split_world``'s groups per ``ep_size``, with the default group they were cut from."""
+
 
 # ---- placement ------------------------------------------------------------------------------------------
 def local_expert_ids(num_experts: int, parallel: ParallelConfig) -> list[int]:
@@ -136,6 +139,9 @@ class EPGroup:
                 "moe_plugin.distributed.init_distributed) on every rank first"
             )
         if group is not None and not isinstance(group, dist.ProcessGroup):
+            # new_group hands ranks outside the group a sentinel (GroupMember.NON_GROUP_MEMBER), not a group
+            if group is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+                raise ValueError("this process is not a member of the given process group")
             raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
         rank = dist.get_rank(group)
         if rank < 0:
@@ -159,11 +165,19 @@ class EPGroup:
         world = dist.get_world_size()
         if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size:
             raise ValueError(f"ep_size must be a positive int dividing the world size {world}, got {ep_size!r}")
+        # One set of groups per ep_size: a model calling this per layer must not create process groups per
+        # layer. The entry remembers the default group it was cut from, so a re-initialized world (after
+        # destroy_process_group) gets new ones.
+        world_group = dist.group.WORLD
+        cached = _SPLIT_GROUPS.get(ep_size)
+        if cached is not None and cached[0] is world_group:
+            return cls.from_group(cached[1])
         mine = None
         for start in range(0, world, ep_size):
             group = dist.new_group(list(range(start, start + ep_size)))
             if start <= dist.get_rank() < start + ep_size:
                 mine = group
+        _SPLIT_GROUPS[ep_size] = (world_group, mine)
         return cls.from_group(mine)
 
     @property

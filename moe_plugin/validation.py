@@ -156,6 +156,10 @@ def check_moe_inputs(
     m, k = hidden_states.shape
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    from .modular import ExpertWeights
+
+    if not isinstance(weights, ExpertWeights):
+        raise TypeError(f"weights must be a moe_plugin ExpertWeights, got {type(weights).__name__}")
     w1, w2 = weights.w1, weights.w2
     check_tensor("w1", w1, ndim=3)
     check_tensor("w2", w2, ndim=3)

@@ -281,7 +281,11 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         # Global id -> index in the count exchange's rank-major [P, E_local] layout.
         self._rank_major_cpu = self._owner_cpu * config.num_local_experts + local
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._checked_map: torch.Tensor | None = None
+        # (map, its version counter): a map rewritten in place (expert rebalancing) is checked again
+        self._checked_map: tuple[torch.Tensor, int] | None = None
+        # ModularKernel checks the weights against this: full global weights on every rank would run
+        # with local ids indexing the wrong experts
+        self.num_local_experts = config.num_local_experts
         self.stats = ExpertLoadStats(config.num_experts, ep.world_size, ep.rank, self._owner_cpu)
 
     # ---- construction and facts --------------------------------------------------------------------
@@ -354,7 +358,10 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
         # would cost a host synchronisation of its own.
         if num_experts != c.num_experts:
             raise ValueError(f"num_experts must be the config's global count {c.num_experts}, got {num_experts}")
-        if expert_map is not None and expert_map is not self._checked_map:
+        checked = self._checked_map
+        if expert_map is not None and (
+            checked is None or expert_map is not checked[0] or expert_map._version != checked[1]
+        ):
             mine = build_expert_map(c.num_experts, c.parallel, "cpu")
             if mine is None:  # one rank: the identity map
                 mine = torch.arange(c.num_experts, dtype=torch.int32)
@@ -364,7 +371,7 @@ class AllToAllPrepareAndFinalize(AsyncPrepareAndFinalize):
                     "routes tokens by the config's placement, so the experts' map must agree "
                     "(use moe_plugin.distributed.build_expert_map)"
                 )
-            self._checked_map = expert_map
+            self._checked_map = (expert_map, expert_map._version)
 
     def _wire_plan(self, a1_scale: torch.Tensor | None) -> str:
         """``plain``: model dtype on the wire; ``fp8``: quantize before sending (per-row scales travel,
