@@ -798,6 +798,7 @@ def experts_standard(
     n_inter = w2.shape[2]
     if m == 0:
         return out
+    _check_runnable(a1q)
     device = a1q.device
     slots = m * top_k
     hint = m if num_tokens_hint is None else max(1, min(int(num_tokens_hint), m))
@@ -957,6 +958,7 @@ def experts_batched(
     n_inter = w2.shape[2]
     if t_rows == 0 or num_local == 0:
         return out
+    _check_runnable(a1q)
     device = a1q.device
     rows = t_rows if rows_hint is None else max(1, min(int(rows_hint), t_rows))
     if config is None:

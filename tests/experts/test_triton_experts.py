@@ -652,3 +652,14 @@ def test_ep_config_runs_with_expert_map_through_modular_kernel():
     kw = dict(expert_map=expert_map, global_num_experts=e_global)
     out = run_standard(TritonExperts(cfg, small_cfg(routing="sorted")), cfg, x, weights, w, ids, **kw)
     assert rel_err(out, reference(cfg, x, weights, w, ids, **kw)) < 3e-3
+
+
+def test_cpu_call_without_the_interpreter_is_refused_by_name(monkeypatch):
+    # Built directly (the oracle would not pick it on CPU): a clear error, not Triton's "0 active drivers".
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cfg = MoEConfig(4, 2, 32, 16, dtype=torch.float32)
+    kern = ModularKernel(LocalPrepareAndFinalize.from_config(cfg), TritonExperts(cfg))
+    x, tw = torch.randn(5, 32), torch.rand(5, 2)
+    ids = torch.randint(0, 4, (5, 2), dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="on CPU under TRITON_INTERPRET=1; got a cpu tensor"):
+        kern(x, ExpertWeights(torch.randn(4, 32, 32), torch.randn(4, 32, 16)), tw, ids)
