@@ -91,3 +91,38 @@ def check_case(results: dict[int, dict], case: str) -> None:
             if f"err_{ref}" in rec and not rec[f"err_{ref}"] <= rec[f"tol_{ref}"]:
                 failures.append(f"rank {rank}: error vs {ref} reference {rec[f'err_{ref}']:.3g} > {rec[f'tol_{ref}']:.3g}")
     assert not failures, f"{case}:\n" + "\n".join(failures)
+
+
+def run_script_ranks(script: str, out_dir: str, world: int = 2, timeout: float = 120.0) -> dict[int, dict]:
+    """Run ``script out_dir`` as ``world`` gloo ranks (each writes ``rank{r}.json`` under ``out_dir``) and
+    return ``{rank: results}``; a rank that hangs or writes nothing fails the calling test with its log."""
+    import pytest
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+    procs = []
+    for rank in range(world):
+        with open(os.path.join(out_dir, f"rank{rank}.log"), "w") as log:
+            procs.append(subprocess.Popen([sys.executable, script, out_dir],
+                                          env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                          stdout=log, stderr=subprocess.STDOUT))
+    try:
+        for rank, proc in enumerate(procs):
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} hung (a rank left waiting in a collective?)")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results = {}
+    for rank in range(world):
+        path = os.path.join(out_dir, f"rank{rank}.json")
+        if not os.path.exists(path):
+            with open(os.path.join(out_dir, f"rank{rank}.log")) as f:
+                pytest.fail(f"rank {rank} wrote no results:\n{f.read()[-4000:]}")
+        with open(path) as f:
+            results[rank] = json.load(f)
+    return results

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import traceback
 
@@ -107,33 +106,7 @@ def results(tmp_path_factory) -> dict:
     if not _RESULTS:
         import ep_launch
 
-        out = str(tmp_path_factory.mktemp("ep_review"))
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ep_launch.free_port()),
-               "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-        procs = []
-        for rank in range(2):
-            with open(os.path.join(out, f"rank{rank}.log"), "w") as log:
-                procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out],
-                                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                              stdout=log, stderr=subprocess.STDOUT))
-        try:
-            for rank, proc in enumerate(procs):
-                try:
-                    proc.wait(120)
-                except subprocess.TimeoutExpired:
-                    pytest.fail(f"rank {rank} hung (a rank left waiting in a collective?)")
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        for rank in range(2):
-            path = os.path.join(out, f"rank{rank}.json")
-            if not os.path.exists(path):
-                with open(os.path.join(out, f"rank{rank}.log")) as f:
-                    pytest.fail(f"rank {rank} wrote no results:\n{f.read()[-4000:]}")
-            with open(path) as f:
-                _RESULTS[rank] = json.load(f)
+        _RESULTS.update(ep_launch.run_script_ranks(os.path.abspath(__file__), str(tmp_path_factory.mktemp("ep_review"))))
     return _RESULTS
 
 
