@@ -126,3 +126,24 @@ def run_script_ranks(script: str, out_dir: str, world: int = 2, timeout: float =
         with open(path) as f:
             results[rank] = json.load(f)
     return results
+
+
+_SCRIPT_RESULTS: dict[str, dict[int, dict]] = {}
+
+
+def script_results(script: str, tmp_path_factory, world: int = 2) -> dict[int, dict]:
+    """``run_script_ranks`` once per test module (its tests share the one multi-rank run)."""
+    if script not in _SCRIPT_RESULTS:
+        tag = os.path.splitext(os.path.basename(script))[0]
+        _SCRIPT_RESULTS[script] = run_script_ranks(script, str(tmp_path_factory.mktemp(tag)), world)
+    return _SCRIPT_RESULTS[script]
+
+
+def finish_rank(out_dir: str, rank: int, results: dict, ep) -> None:
+    """A rank script's last step: its results as ``rank{r}.json``, then leave the group together."""
+    import torch.distributed
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    ep.barrier(30.0)
+    torch.distributed.destroy_process_group()

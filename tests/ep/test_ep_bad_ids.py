@@ -12,7 +12,6 @@ went to) checks that the collectives are still in step. Run as a script this fil
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -90,21 +89,15 @@ def _rank_main(out_dir: str) -> None:
         except Exception:
             rec["after_err"] = traceback.format_exc()
         results[name] = rec
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    ep.barrier(30.0)
-    torch.distributed.destroy_process_group()
+    import ep_launch
 
-
-_RESULTS: dict = {}
+    ep_launch.finish_rank(out_dir, rank, results, ep)
 
 
 def results(tmp_path_factory) -> dict:
-    if not _RESULTS:
-        import ep_launch
+    import ep_launch
 
-        _RESULTS.update(ep_launch.run_script_ranks(os.path.abspath(__file__), str(tmp_path_factory.mktemp("ep_bad_ids"))))
-    return _RESULTS
+    return ep_launch.script_results(os.path.abspath(__file__), tmp_path_factory)
 
 
 # scenario -> per rank: (own-error needle, or the peer rank the error must name)

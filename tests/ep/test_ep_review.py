@@ -15,7 +15,6 @@ Run as a script this file is one rank.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import traceback
@@ -93,21 +92,15 @@ def _rank_main(out_dir: str) -> None:
     outsider = torch.distributed.new_group([0])  # collective: every rank calls it
     if rank == 1:
         results["non_member"] = attempt(lambda: EPGroup.from_group(outsider))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    ep.barrier(30.0)
-    torch.distributed.destroy_process_group()
+    import ep_launch
 
-
-_RESULTS: dict = {}
+    ep_launch.finish_rank(out_dir, rank, results, ep)
 
 
 def results(tmp_path_factory) -> dict:
-    if not _RESULTS:
-        import ep_launch
+    import ep_launch
 
-        _RESULTS.update(ep_launch.run_script_ranks(os.path.abspath(__file__), str(tmp_path_factory.mktemp("ep_review"))))
-    return _RESULTS
+    return ep_launch.script_results(os.path.abspath(__file__), tmp_path_factory)
 
 
 EXPECTED = {
