@@ -56,10 +56,15 @@ def infer_global_num_experts(global_num_experts: int | None, expert_map: torch.T
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel_for(config: MoEConfig, device: str, experts: str | None, prepare_finalize: str | None) -> ModularKernel:
+def _kernel_for(
+    config: MoEConfig, device: str, experts: str | None, prepare_finalize: str | None, num_local: int
+) -> ModularKernel:
     from .oracle import select_kernel
 
-    return select_kernel(config, device, experts=experts, prepare_finalize=prepare_finalize)
+    # An expert_map from the caller places fewer experts here than the config's global count: the
+    # batched layouts are sized by the weights' count.
+    extra = {} if num_local == config.num_local_experts else {"num_local_experts": num_local}
+    return select_kernel(config, device, experts=experts, prepare_finalize=prepare_finalize, **extra)
 
 
 def _chunk_size() -> int:
@@ -100,6 +105,7 @@ def _run(
         str(x.device),
         os.environ.get("MOE_PLUGIN_EXPERTS") or None,
         os.environ.get("MOE_PLUGIN_PREPARE_FINALIZE") or None,
+        w1.shape[0],
     )
     return kernel(
         x,

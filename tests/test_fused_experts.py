@@ -162,3 +162,19 @@ def test_fp8_per_tensor_with_no_tokens():
     w1, w2 = w1f.to(torch.float8_e4m3fn), w2f.to(torch.float8_e4m3fn)
     out = fused_experts(x, w1, w2, w, ids, w1_scale=s1, w2_scale=s1)
     assert out.shape == (0, 32)
+
+
+@pytest.mark.parametrize("experts", ["batched_torch", "torch"])
+def test_caller_expert_map_with_a_forced_batched_backend(monkeypatch, experts):
+    # An engine's expert_map places 4 of 6 global experts here: the batched layout must be sized by the
+    # weights (it was sized by the global count and every call raised).
+    monkeypatch.setenv("MOE_PLUGIN_EXPERTS", experts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g)
+    w1, w2 = torch.randn(4, 64, 64, generator=g) * 0.2, torch.randn(4, 64, 32, generator=g) * 0.2
+    emap = torch.tensor([0, 1, -1, 2, 3, -1], dtype=torch.int32)
+    ids = torch.tensor([[0, 2], [1, 3], [4, 5], [2, 0], [5, 1]], dtype=torch.int32)
+    w = torch.rand(5, 2, generator=g)
+    out = fused_experts(x, w1, w2, w, ids, global_num_experts=6, expert_map=emap)
+    ref = naive.moe(x, w1, w2, w, ids, expert_map=emap)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)

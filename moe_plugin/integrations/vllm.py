@@ -174,7 +174,9 @@ def build_layer_kernel(
         activation=activation,
         quant=quant,
     )
-    kernel = select_kernel(config, w13.device)
+    # vLLM's expert parallelism places w13.shape[0] experts here: the batched layouts are sized by them
+    extra = {} if w13.shape[0] == config.num_local_experts else {"num_local_experts": w13.shape[0]}
+    kernel = select_kernel(config, w13.device, **extra)
     _KERNELS[layer_name] = kernel
     description = f"{kernel.describe()} on {w13.device.type}"
     if description not in _LOGGED:

@@ -166,8 +166,16 @@ class BatchedLocalPrepareAndFinalize(PrepareAndFinalize):
         return True, ""
 
     @classmethod
-    def from_config(cls, config: MoEConfig, **_) -> "BatchedLocalPrepareAndFinalize":
-        return cls(config.quant, config.max_num_tokens, config.num_local_experts)
+    def from_config(
+        cls, config: MoEConfig, num_local_experts: int | None = None, **_
+    ) -> "BatchedLocalPrepareAndFinalize":
+        """``num_local_experts``: the experts this process holds when an engine's ``expert_map`` places them
+        (the weights' count; default: the config's)."""
+        if num_local_experts is None:
+            num_local_experts = config.num_local_experts
+        elif not isinstance(num_local_experts, int) or isinstance(num_local_experts, bool) or num_local_experts < 1:
+            raise ValueError(f"num_local_experts must be a positive int, got {num_local_experts!r}")
+        return cls(config.quant, config.max_num_tokens, num_local_experts)
 
     def max_num_tokens_per_rank(self) -> int | None:
         return self.max_num_tokens
