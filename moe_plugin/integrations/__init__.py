@@ -136,7 +136,9 @@ def save_tiny_moe_checkpoint(
     path: str | os.PathLike, model_type: str = "qwen3_moe", *, seed: int = 0, experts: str = "bf16", **config_kwargs
 ):
     """Write a tiny random MoE model (``tiny_moe_config``) and its tokenizer to ``path`` in the Hugging Face
-    layout that both transformers and vLLM load; returns ``path`` as a string. Same seed, same weights.
+    layout; returns ``path`` as a string. Same seed, same weights. transformers loads every type; vLLM loads
+    ``qwen3_moe`` and ``mixtral`` (its DeepSeek-V3 path needs MLA head sizes and a ``topk_method`` this tiny
+    ``deepseek_v3`` config does not have).
 
     ``experts="fp8"`` stores the routed experts as block-FP8 (128x128 ``weight_scale_inv`` scales, a
     ``quantization_config`` of ``quant_method: fp8`` that leaves every other layer unquantized, as CPUs
