@@ -219,8 +219,7 @@ class FusedMoE(nn.Module):
         return local if local >= 0 else None
 
     def _check_shape(self, name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-        _check_tensor_shape(name, tensor, tuple(want))
-        _check_float_tensor(name, tensor)
+        _check_float_tensor(name, tensor, tuple(want))
         # An FP8 layer given 16-bit weights would cast them with an implied scale of 1: refuse instead.
         if self.config.quant.is_quantized and not name.endswith("scale") and tensor.dtype != FP8_DTYPE:
             raise TypeError(
@@ -376,13 +375,11 @@ class FusedMoE(nn.Module):
                 loaded.add(name)
             elif (name == "gate.weight" or name.endswith(".gate.weight")) and self.gate is not None:
                 # (exact leaf: Qwen2-MoE's ``shared_expert_gate.weight`` [1, K] is not the router)
-                _check_tensor_shape(name, tensor, tuple(self.gate.weight.shape))
-                _check_float_tensor(name, tensor)
+                _check_float_tensor(name, tensor, tuple(self.gate.weight.shape))
                 self.gate.weight.copy_(tensor)
                 loaded.add(name)
             elif leaf == "e_score_correction_bias" and self.e_score_correction_bias is not None:
-                _check_tensor_shape(name, tensor, tuple(self.e_score_correction_bias.shape))
-                _check_float_tensor(name, tensor)
+                _check_float_tensor(name, tensor, tuple(self.e_score_correction_bias.shape))
                 self.e_score_correction_bias.copy_(tensor)
                 loaded.add(name)
         return loaded
@@ -416,16 +413,12 @@ def _merge_pending_scales(module: "FusedMoE", prefix: str, keep_vars: bool) -> N
             module._requantize_per_tensor_w13()
 
 
-def _check_float_tensor(name: str, tensor: torch.Tensor) -> None:
+def _check_float_tensor(name: str, tensor: torch.Tensor, want: tuple[int, ...] | None = None) -> None:
+    """A floating-point tensor (of shape ``want`` when given), else an error naming ``name``."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if want is not None and tuple(tensor.shape) != want:
+        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
     # copy_ would silently convert an integer tensor (a wrong checkpoint entry) into weights or scales
     if not tensor.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-
-
-def _check_tensor_shape(name: str, tensor: torch.Tensor, want: tuple[int, ...]) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tuple(tensor.shape) != want:
-        raise ValueError(f"{name} must have shape {want}, got {tuple(tensor.shape)}")
