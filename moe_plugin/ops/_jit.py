@@ -119,7 +119,9 @@ def round_fp32_to_e4m3_grid(x):
 @kernel
 def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
     """Per-row FP8 (e4m3) quantization of fp32 ``x [rows, group]``, as ``ops.quant`` does on the host:
-    ``(q, scale)`` with ``scale = max(amax, eps) / 448`` and ``q = clamp(x / scale, -448, 448)`` (still fp32)."""
+    ``(q, scale)`` with ``scale = max(amax, eps) / 448`` and ``q = clamp(x * (1 / scale), -448, 448)`` (still
+    fp32). One IEEE division per row, then a multiply per element: a division per element made the
+    quantizing kernels instruction-bound (Nsight Compute: the quantizing ep_scatter at SM 74-78 %, DRAM 44-56 %)."""
     amax = tl.maximum(tl.max(tl.abs(x), axis=1), eps)
     scale = tl.math.div_rn(amax, 448.0)
     if USE_UE8M0:
@@ -127,7 +129,7 @@ def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
         bits = scale.to(tl.int32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
         scale = bits.to(tl.float32, bitcast=True)
-    q = tl.math.div_rn(x, scale[:, None])
+    q = x * tl.math.div_rn(1.0, scale)[:, None]
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q, scale
 

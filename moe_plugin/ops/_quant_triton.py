@@ -1,7 +1,7 @@
 """Triton kernels behind ``ops.quant``.
 
 They reproduce the torch implementations bit for bit: the same fp32 operations in the same order, IEEE
-division (``div_rn``; Triton's default fp32 ``/`` is approximate on NVIDIA), an exact power-of-two round-up
+reciprocal of the scale (``div_rn``; Triton's default fp32 ``/`` is approximate on NVIDIA) times each value, an exact power-of-two round-up
 for UE8M0 scales, and round-to-nearest-even into float8_e4m3fn.
 """
 
@@ -70,7 +70,7 @@ def per_token_group_quant_fp8_triton(
 
 
 def static_quant_fp8_triton(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``clamp(x / scale, -448, 448)`` to FP8 with one scale (a one-element fp32 tensor on ``x``'s device)."""
+    """``clamp(x * (1 / scale), -448, 448)`` to FP8 with one scale (a one-element fp32 tensor on ``x``'s device)."""
     src = x.contiguous().view(-1)
     q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
     numel = src.numel()
@@ -113,7 +113,7 @@ def _group_quant_kernel(
 def _static_quant_kernel(x_ptr, scale_ptr, q_ptr, numel, BLOCK: tl.constexpr, SOFT_ROUND: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    scale = tl.load(scale_ptr).to(tl.float32)
-    q = tl.math.div_rn(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32), scale)
+    inv_scale = tl.math.div_rn(1.0, tl.load(scale_ptr).to(tl.float32))
+    q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     tl.store(q_ptr + offs, cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND), mask=mask)

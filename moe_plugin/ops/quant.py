@@ -1,7 +1,9 @@
 """FP8 (float8_e4m3fn) activation quantization: per-token-group, per-token and per-tensor.
 
 Scale of a group = max(amax, eps) / 448, optionally rounded up to a power of two (UE8M0); values are
-``clamp(x / scale, -448, 448)`` cast to FP8. Dequantization is ``q * scale``.
+``clamp(x * (1 / scale), -448, 448)`` cast to FP8 (the reciprocal rounded once, then a multiply per value, as
+the Triton kernels do bit for bit: a division per value made them instruction-bound). Dequantization is
+``q * scale``.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ def per_token_group_quant_fp8_torch(
     scale = amax / FP8_MAX
     if use_ue8m0:
         scale = round_scale_ue8m0(scale)
-    q = (xg / scale.unsqueeze(-1)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (xg * scale.reciprocal().unsqueeze(-1)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*lead, groups * group_size)[..., :k].contiguous()
     if column_major_scales and scale.dim() == 2:
         scale = scale.t().contiguous().t()
@@ -121,7 +123,7 @@ def per_token_quant_fp8(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[t
         return per_token_group_quant_fp8_triton(x, x.shape[-1], eps=eps)
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(eps)
     scale = amax / FP8_MAX
-    q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (x.float() * scale.reciprocal()).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
@@ -149,7 +151,7 @@ def per_tensor_quant_fp8(
         from ._quant_triton import static_quant_fp8_triton
 
         return static_quant_fp8_triton(x, scale), scale
-    q = (x.float() / scale).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (x.float() * scale.reciprocal()).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
@@ -178,6 +180,6 @@ def quantize_block_weight(
     blocks = wf.reshape(*w.shape[:-2], rb, bn, cb, bk)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(DEFAULT_EPS)
     scale = amax / FP8_MAX
-    q = (blocks / scale[..., :, None, :, None]).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (blocks * scale.reciprocal()[..., :, None, :, None]).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*w.shape[:-2], rb * bn, cb * bk)[..., :r, :c].contiguous()
     return q, scale

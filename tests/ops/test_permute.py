@@ -243,7 +243,9 @@ def naive_group_quant(row, group, ue8m0):
         if ue8m0:
             scale = 2.0 ** math.ceil(math.log2(scale))
         scales.append(scale)
-        q.append((g / scale).clamp(-448, 448).to(FP8).float())
+        # fp32 reciprocal of the fp32 scale, then one multiply per value (ops.quant's definition)
+        inv_scale = torch.tensor(1.0) / torch.tensor(scale, dtype=torch.float32)
+        q.append((g * inv_scale).clamp(-448, 448).to(FP8).float())
     return torch.cat(q), torch.tensor(scales)
 
 

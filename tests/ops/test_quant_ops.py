@@ -20,7 +20,8 @@ def ceil_pow2(v):
 
 def naive_group_quant(x, group, use_ue8m0=False, eps=1e-10):
     """One group at a time: fp32 amax, fp32 ``amax / 448`` (exact power-of-two round-up for UE8M0),
-    fp32 ``x / scale`` clamped to +-448, then round-to-nearest-even into e4m3."""
+    fp32 ``x * (1 / scale)`` (the reciprocal rounded to fp32 once) clamped to +-448, then round-to-nearest-even
+    into e4m3."""
     rows = x.float().reshape(-1, x.shape[-1])
     k = x.shape[-1]
     groups = math.ceil(k / group)
@@ -34,7 +35,8 @@ def naive_group_quant(x, group, use_ue8m0=False, eps=1e-10):
             if use_ue8m0:
                 scale = torch.tensor(ceil_pow2(float(scale)), dtype=torch.float32)
             s[r, gi] = scale
-            q[r, gi * group : gi * group + vals.numel()] = (vals / scale).clamp(-448.0, 448.0).to(FP8)
+            inv_scale = torch.tensor(1.0, dtype=torch.float32) / scale
+            q[r, gi * group : gi * group + vals.numel()] = (vals * inv_scale).clamp(-448.0, 448.0).to(FP8)
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], groups)
 
 
