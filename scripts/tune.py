@@ -247,6 +247,7 @@ def tune_job(job: Job, problem, deadline: float, replays: int, full: bool, log) 
             block_keys=torch.empty((n_blocks,), dtype=torch.int32, device=x.device),
             block_tail=-1,
             num_tokens_post_padded=torch.empty((1,), dtype=torch.int32, device=x.device),
+            offsets=torch.empty((num_local + 1,), dtype=torch.int64, device=x.device),
         )
 
         def align():
@@ -255,7 +256,8 @@ def tune_job(job: Job, problem, deadline: float, replays: int, full: bool, log) 
         align()
         r = fm.Routing(
             "sorted", slots, m, p.top_k, num_local, n_blocks, sorted_ids=out.sorted_ids,
-            block_expert=out.block_keys, ntpp=out.num_tokens_post_padded,
+            block_expert=out.block_keys, expert_offsets=out.offsets, ntpp=out.num_tokens_post_padded,
+            rows_per_expert=m * p.top_k / p.num_experts,
         )
         return r, align
 

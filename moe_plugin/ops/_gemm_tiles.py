@@ -53,3 +53,35 @@ if tl is not None:
         pid_m = first_pid_m + ((t % num_pid_in_group) % group_size_m)
         pid_n = (t % num_pid_in_group) // group_size_m
         return pid_m, pid_n
+
+    @kernel
+    def expert_tile_coords(t, num_pid_n, block_expert_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr,
+                           GROUP_M: tl.constexpr):
+        # ``tile_coords`` with groups that never straddle two experts (sorted row blocks): a fixed
+        # GROUP_M-block group boundary inside an expert's blocks puts them in different waves, and that
+        # expert's weights are read from HBM twice. Expert e's tiles are [first_e, first_e + blocks_e) *
+        # num_pid_n, so the block t // num_pid_n names the expert whose range holds t. Its blocks split into
+        # cdiv(blocks_e, GROUP_M) groups of near-equal size (9 blocks -> 5 + 4, not 8 + 1: a lone block
+        # sweeping the columns reads each weight tile for one block's rows, memory-bound where the rest
+        # is not), each sweeping the columns with its blocks fastest. Returns the expert too (-1: none),
+        # which spares the caller reloading it.
+        b0 = t // num_pid_n
+        expert = tl.load(block_expert_ptr + b0)
+        known = expert >= 0
+        first = (tl.load(expert_offsets_ptr + expert, mask=known, other=0) // BLOCK_M).to(tl.int32)
+        blocks = (tl.load(expert_offsets_ptr + expert + 1, mask=known, other=0) // BLOCK_M).to(tl.int32) - first
+        blocks = tl.maximum(blocks, 1)
+        groups = (blocks + GROUP_M - 1) // GROUP_M
+        base = blocks // groups
+        extra = blocks - base * groups  # the first `extra` groups take one block more
+        local = t - first * num_pid_n
+        big_tiles = extra * (base + 1) * num_pid_n
+        in_big = local < big_tiles
+        size = tl.where(in_big, base + 1, base)
+        rest = tl.where(in_big, local, local - big_tiles)
+        g = rest // (size * num_pid_n)
+        start = tl.where(in_big, g * (base + 1), extra * (base + 1) + g * base)
+        r = rest - g * size * num_pid_n
+        pid_m = tl.where(known, first + start + r % size, b0)
+        pid_n = tl.where(known, r // size, t % num_pid_n)
+        return pid_m, pid_n, expert

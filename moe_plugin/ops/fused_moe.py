@@ -54,6 +54,7 @@ from .launch_config import (  # noqa: F401  (also reachable here, where they are
     device_info,
     dtype_tag,
     expected_active_experts,
+    expert_grouped_raster,
     fit_stages,
     get_launch_config,
     heuristic_config,
@@ -83,7 +84,7 @@ _ACTIVATIONS = ("silu", "gelu", "swiglu", "relu2")
 # kernels
 
 if tl is not None:
-    from ._gemm_tiles import activate, dot_acc, tile_coords
+    from ._gemm_tiles import activate, dot_acc, expert_tile_coords, tile_coords
 
     @kernel
     def _slot_rows(
@@ -127,6 +128,7 @@ if tl is not None:
         topk_weights_ptr,
         sorted_ids_ptr,
         block_expert_ptr,
+        expert_offsets_ptr,
         ntpp_ptr,
         slot_ids_ptr,
         expert_map_ptr,
@@ -184,6 +186,7 @@ if tl is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        EXPERT_GROUPS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -201,10 +204,18 @@ if tl is not None:
 
         for tile in range(pid, total, nprog):
             split = tile % SPLIT_K
-            pid_m, pid_n = tile_coords(tile // SPLIT_K, num_pid_m, num_pid_n, GROUP_M)
+            if EXPERT_GROUPS:
+                pid_m, pid_n, grouped_expert = expert_tile_coords(
+                    tile // SPLIT_K, num_pid_n, block_expert_ptr, expert_offsets_ptr, BLOCK_M, GROUP_M
+                )
+            else:
+                pid_m, pid_n = tile_coords(tile // SPLIT_K, num_pid_m, num_pid_n, GROUP_M)
 
             if ROUTE == "sorted":
-                expert = tl.load(block_expert_ptr + pid_m)
+                if EXPERT_GROUPS:
+                    expert = grouped_expert
+                else:
+                    expert = tl.load(block_expert_ptr + pid_m)
                 rows = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
                 row_mask = rows < num_slots
             elif ROUTE == "slot":
@@ -345,6 +356,11 @@ class Routing:
     """Row blocks the launch grid covers; programs stride over any beyond it."""
     sorted_ids: torch.Tensor | None = None
     block_expert: torch.Tensor | None = None
+    expert_offsets: torch.Tensor | None = None
+    """``[E + 1]`` int64 padded row offsets of the sorted experts: tile groups may then follow expert bounds
+    (``expert_grouped_raster``)."""
+    rows_per_expert: float = 0.0
+    """Expected routed rows per local expert (host-side, from the token hint)."""
     ntpp: torch.Tensor | None = None
     slot_ids: torch.Tensor | None = None
     expert_map: torch.Tensor | None = None
@@ -478,6 +494,7 @@ def invoke_moe_gemm(
         topk_weights if topk_weights is not None else dummy,
         routing.sorted_ids if routing.sorted_ids is not None else dummy,
         routing.block_expert if routing.block_expert is not None else dummy,
+        routing.expert_offsets if routing.expert_offsets is not None else dummy,
         routing.ntpp if routing.ntpp is not None else dummy,
         routing.slot_ids if routing.slot_ids is not None else dummy,
         routing.expert_map if routing.expert_map is not None else dummy,
@@ -524,6 +541,9 @@ def invoke_moe_gemm(
         BLOCK_N=gemm.block_n,
         BLOCK_K=bk,
         GROUP_M=gemm.group_m,
+        EXPERT_GROUPS=routing.mode == "sorted"
+        and routing.expert_offsets is not None
+        and expert_grouped_raster(b, routing.rows_per_expert, gemm.block_m),
     )
     key = (launch, activation, quant_mode, a.dtype, b.dtype, c.dtype, c_scale is not None, quant_a, str(a.device))
     stages = _FITTED_STAGES.get(key, launch.num_stages)
@@ -753,9 +773,11 @@ def _two_gemms_tma(
         (inter, w2, y, g2, dict(a_mode="tma", a_row_div=1, c_mode="slot", topk_weights=topk_weights)),
     ):
         launch = fit_stages(g, itemsize, itemsize, kw.get("gated", False), info.smem_bytes - 2048)
+        grouped = routing.expert_offsets is not None and expert_grouped_raster(b, routing.rows_per_expert, g.block_m)
         invoke_tma_gemm(
             a, b, c, **common, **kw, block_m=g.block_m, block_n=g.block_n, block_k=g.block_k, group_m=g.group_m,
             num_warps=launch.num_warps, num_stages=launch.num_stages,
+            expert_offsets=routing.expert_offsets if grouped else None,
         )
     return y
 
@@ -846,6 +868,7 @@ def experts_standard(
             block_keys=torch.empty((n_blocks,), dtype=torch.int32, device=device),
             block_tail=-1,
             num_tokens_post_padded=torch.empty((1,), dtype=torch.int32, device=device),
+            offsets=torch.empty((num_local + 1,), dtype=torch.int64, device=device),
             inv=torch.empty((slots,), dtype=torch.int32, device=device) if tma == "all" else None,
         )
         sort_slots_triton(ids, top_k, num_local, bm, sort_out, key_map=emap, valid_tokens=valid_tokens)
@@ -864,6 +887,8 @@ def experts_standard(
             grid_m,
             sorted_ids=sort_out.sorted_ids,
             block_expert=sort_out.block_keys,
+            expert_offsets=sort_out.offsets,
+            rows_per_expert=hint * top_k / global_num_experts,
             ntpp=sort_out.num_tokens_post_padded,
             valid=valid_tokens,
         )

@@ -114,6 +114,7 @@ def invoke_tma_gemm(
     block_expert: torch.Tensor,
     num_tokens_post_padded: torch.Tensor,
     num_slots: int,
+    expert_offsets: torch.Tensor | None = None,
     grid_m: int,
     block_m: int,
     block_n: int,
@@ -137,7 +138,8 @@ def invoke_tma_gemm(
     ``a``: ``[L, K]`` rows in sorted order (``a_mode="tma"``) or ``[M, K]`` token rows read at
     ``sorted_ids[p] // a_row_div`` (``"gather"``). ``b``: ``[E, R, K]`` (gated: gate rows then up rows,
     ``R = 2 N``). ``c``: ``[L, N]`` written at sorted positions (``c_mode="sorted"``) or ``[S, N]`` at
-    the slots (``"slot"``, times ``topk_weights`` when given).
+    the slots (``"slot"``, times ``topk_weights`` when given). ``expert_offsets`` (the sort's padded expert
+    offsets) switches the tile order to groups bounded by experts (``_gemm_tiles.expert_tile_coords``).
     """
     if a_mode not in A_MODES:
         raise ValueError(f"a_mode must be one of {A_MODES}, got {a_mode!r}")
@@ -161,6 +163,7 @@ def invoke_tma_gemm(
         topk_weights if topk_weights is not None else block_expert,
         sorted_ids,
         block_expert,
+        expert_offsets if expert_offsets is not None else block_expert,
         num_tokens_post_padded,
         n_out,
         k_dim,
@@ -184,13 +187,14 @@ def invoke_tma_gemm(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=group_m,
+        EXPERT_GROUPS=expert_offsets is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )
 
 
 if tl is not None:
-    from ._gemm_tiles import activate, dot_acc, tile_coords
+    from ._gemm_tiles import activate, dot_acc, expert_tile_coords, tile_coords
 
     @kernel
     def _moe_gemm_tma_kernel(
@@ -201,6 +205,7 @@ if tl is not None:
         topk_weights_ptr,
         sorted_ids_ptr,
         block_expert_ptr,
+        expert_offsets_ptr,
         ntpp_ptr,
         N,
         K,
@@ -224,6 +229,7 @@ if tl is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
+        EXPERT_GROUPS: tl.constexpr,
     ):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -231,8 +237,13 @@ if tl is not None:
         num_pid_n = tl.cdiv(N, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         for tile in range(pid, num_pid_m * num_pid_n, nprog):
-            pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
-            expert = tl.load(block_expert_ptr + pid_m)
+            if EXPERT_GROUPS:
+                pid_m, pid_n, expert = expert_tile_coords(
+                    tile, num_pid_n, block_expert_ptr, expert_offsets_ptr, BLOCK_M, GROUP_M
+                )
+            else:
+                pid_m, pid_n = tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+                expert = tl.load(block_expert_ptr + pid_m)
             if (expert >= 0) & (expert < num_experts):
                 off_m = pid_m * BLOCK_M
                 off_b = expert * b_rows_per_expert + pid_n * BLOCK_N
