@@ -75,7 +75,9 @@ of DeepGEMM 2.x on SM90/SM100; the library's own value is used when it is import
 
 DEEPGEMM_MIN_TOKENS: dict[tuple[int, int], int] = {
     # DeepSeek-V3 EP8 shard, with the Triton FP8 launch configs tuned 2026-11-26: Triton FP8 579 vs DeepGEMM
-    # 659 us at M=1024, 695 vs 677 at 2048, 1010 vs 875 at 4096 (the untuned configs had crossed at 1024)
+    # 659 us at M=1024, 695 vs 677 at 2048, 1010 vs 875 at 4096 (the untuned configs had crossed at 1024);
+    # re-measured with the expert-bounded tile groups (same day, two runs): 578-580 vs 646-648 at 1024,
+    # 669-672 vs 660 at 2048, 799-806 vs 678 at 3072, 962-976 vs 849 at 4096
     (7168, 2048): 2048,
     (2048, 768): 4096,  # qwen3-30B-A3B: Triton FP8 343 vs DeepGEMM 424 us at M=1024, 881 vs 666 at 4096
     # Mixtral-8x7B: DeepGEMM 664 vs Triton FP8 757 us at M=64 but 712 vs 664 at 256; 1053 vs 1592 at 1024,

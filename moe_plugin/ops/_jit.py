@@ -129,7 +129,8 @@ def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
         bits = scale.to(tl.int32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
         scale = bits.to(tl.float32, bitcast=True)
-    q = x * tl.math.div_rn(1.0, scale)[:, None]
+    # A scale below the smallest normal fp32 would overflow its reciprocal (0 * inf = NaN): read as that.
+    q = x * tl.math.div_rn(1.0, tl.maximum(scale, 1.1754943508222875e-38))[:, None]
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q, scale
 

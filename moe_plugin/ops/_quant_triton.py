@@ -1,8 +1,8 @@
 """Triton kernels behind ``ops.quant``.
 
-They reproduce the torch implementations bit for bit: the same fp32 operations in the same order, IEEE
-reciprocal of the scale (``div_rn``; Triton's default fp32 ``/`` is approximate on NVIDIA) times each value, an exact power-of-two round-up
-for UE8M0 scales, and round-to-nearest-even into float8_e4m3fn.
+They reproduce the torch implementations bit for bit: the same fp32 operations in the same order, the
+IEEE reciprocal of the scale (``div_rn``; Triton's default fp32 ``/`` is approximate on NVIDIA) times each
+value, an exact power-of-two round-up for UE8M0 scales, and round-to-nearest-even into float8_e4m3fn.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _group_quant_kernel(
 def _static_quant_kernel(x_ptr, scale_ptr, q_ptr, numel, BLOCK: tl.constexpr, SOFT_ROUND: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    inv_scale = tl.math.div_rn(1.0, tl.load(scale_ptr).to(tl.float32))
+    inv_scale = tl.math.div_rn(1.0, tl.maximum(tl.load(scale_ptr).to(tl.float32), 1.1754943508222875e-38))
     q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     tl.store(q_ptr + offs, cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND), mask=mask)

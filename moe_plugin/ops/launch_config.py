@@ -415,17 +415,18 @@ EXPERT_GROUP_MAX_BF16_BLOCKS = 2
 """Expected row blocks per expert up to which unquantized weights take expert-bounded groups."""
 
 
-def expert_grouped_raster(weight: torch.Tensor, rows_per_expert: float, block_m: int) -> bool:
+def expert_grouped_raster(weight: torch.Tensor, rows_per_expert: float, block_m: int, group_m: int) -> bool:
     """Whether a sorted grouped GEMM over ``weight [E, R, K]`` orders its tiles in groups that never
     straddle two experts (``_gemm_tiles.expert_tile_coords``).
 
-    Fixed groups of row blocks split some experts' blocks between groups that run in different waves,
-    and those experts' weights are read from HBM twice; expert-bounded groups cost two dependent index
-    loads per tile. Measured on the H100 (docs/benchmarks.md, same-process A/B): worth it for weights
-    too large for L2 to hold across the split (>= 8 MiB per expert; qwen3-sized experts gain nothing) —
-    FP8 at every size measured (-3 to -7 %), bf16 up to two row blocks per expert (-4 to -7 %; from four
-    blocks on, where the GEMMs are compute-bound, +1 to +6 %)."""
-    if weight[0].numel() * weight.element_size() < EXPERT_GROUP_MIN_WEIGHT_BYTES:
+    Fixed groups of ``group_m`` row blocks split some experts' blocks between groups that run in different
+    waves, and those experts' weights are read from HBM twice; expert-bounded groups cost two dependent
+    index loads per tile (and are the fixed order itself when ``group_m`` is 1). Measured on the H100
+    (docs/benchmarks.md, same-process A/B): worth it for weights too large for L2 to hold across the split
+    (>= 8 MiB per expert; qwen3-sized experts gain nothing) — FP8 at every size measured (0 to -6 %), bf16
+    up to two row blocks per expert (-4 to -7 %; from four blocks on, where the GEMMs are compute-bound,
+    +1 to +6 %)."""
+    if group_m <= 1 or math.prod(weight.shape[1:]) * weight.element_size() < EXPERT_GROUP_MIN_WEIGHT_BYTES:
         return False
     return weight.element_size() == 1 or rows_per_expert <= EXPERT_GROUP_MAX_BF16_BLOCKS * block_m
 

@@ -2,8 +2,9 @@
 
 Scale of a group = max(amax, eps) / 448, optionally rounded up to a power of two (UE8M0); values are
 ``clamp(x * (1 / scale), -448, 448)`` cast to FP8 (the reciprocal rounded once, then a multiply per value, as
-the Triton kernels do bit for bit: a division per value made them instruction-bound). Dequantization is
-``q * scale``.
+the quantizing Triton kernels — these ops, the fused activation + quant, ``ep_scatter`` — do bit for bit: a
+division per value made them instruction-bound; a scale below the
+smallest normal fp32 counts as that one, whose reciprocal is finite). Dequantization is ``q * scale``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,12 @@ from ..config import FP8_DTYPE
 
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
 FP8_MIN = float(torch.finfo(FP8_DTYPE).min)
+_FP32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _inverse(scale: torch.Tensor) -> torch.Tensor:
+    """``1 / scale`` rounded once, finite for any non-negative scale (see the module docstring)."""
+    return scale.clamp_min(_FP32_TINY).reciprocal()
 
 
 def tma_aligned_size(rows: int, element_size: int = 4) -> int:
@@ -105,7 +112,7 @@ def per_token_group_quant_fp8_torch(
     scale = amax / FP8_MAX
     if use_ue8m0:
         scale = round_scale_ue8m0(scale)
-    q = (xg * scale.reciprocal().unsqueeze(-1)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (xg * _inverse(scale).unsqueeze(-1)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*lead, groups * group_size)[..., :k].contiguous()
     if column_major_scales and scale.dim() == 2:
         scale = scale.t().contiguous().t()
@@ -123,7 +130,7 @@ def per_token_quant_fp8(x: torch.Tensor, *, eps: float = DEFAULT_EPS) -> tuple[t
         return per_token_group_quant_fp8_triton(x, x.shape[-1], eps=eps)
     amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(eps)
     scale = amax / FP8_MAX
-    q = (x.float() * scale.reciprocal()).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (x.float() * _inverse(scale)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
@@ -151,7 +158,7 @@ def per_tensor_quant_fp8(
         from ._quant_triton import static_quant_fp8_triton
 
         return static_quant_fp8_triton(x, scale), scale
-    q = (x.float() * scale.reciprocal()).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (x.float() * _inverse(scale)).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 
@@ -180,6 +187,6 @@ def quantize_block_weight(
     blocks = wf.reshape(*w.shape[:-2], rb, bn, cb, bk)
     amax = blocks.abs().amax(dim=(-3, -1)).clamp_min(DEFAULT_EPS)
     scale = amax / FP8_MAX
-    q = (blocks * scale.reciprocal()[..., :, None, :, None]).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
+    q = (blocks * _inverse(scale)[..., :, None, :, None]).clamp(FP8_MIN, FP8_MAX).to(FP8_DTYPE)
     q = q.reshape(*w.shape[:-2], rb * bn, cb * bk)[..., :r, :c].contiguous()
     return q, scale

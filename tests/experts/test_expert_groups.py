@@ -11,7 +11,9 @@ import naive
 from moe_plugin.ops import fused_moe as fm
 from moe_plugin.ops import launch_config
 from moe_plugin.ops.align import SlotSortOutputs, align_buffer_sizes, sort_slots_triton
+from moe_plugin.config import QuantConfig
 from moe_plugin.ops.fused_moe import GemmLaunch, LaunchConfig, fused_experts_triton
+from moe_plugin.ops.quant import dequant_block_weight, quantize_block_weight
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -137,11 +139,48 @@ def test_rule_weight_size_then_dtype_and_rows(monkeypatch):
     monkeypatch.setattr(launch_config, "EXPERT_GROUP_MIN_WEIGHT_BYTES", 1000)
     rule = launch_config.expert_grouped_raster
     bf16_big = torch.empty(3, 10, 50, dtype=torch.bfloat16)  # 1000 bytes per expert
-    assert rule(bf16_big, 128, 64) and rule(bf16_big, 2 * 64, 64)
-    assert not rule(bf16_big, 2 * 64 + 1, 64)  # compute-bound bf16: fixed groups measured faster
-    assert not rule(torch.empty(3, 10, 49, dtype=torch.bfloat16), 1, 64)  # an expert L2 absorbs
+    assert rule(bf16_big, 128, 64, 8) and rule(bf16_big, 2 * 64, 64, 8)
+    assert not rule(bf16_big, 2 * 64 + 1, 64, 8)  # compute-bound bf16: fixed groups measured faster
+    assert not rule(bf16_big, 1, 64, 1)  # groups of one block: the same order, without the index loads
+    assert not rule(torch.empty(3, 10, 49, dtype=torch.bfloat16), 1, 64, 8)  # an expert L2 absorbs
     fp8 = torch.empty(3, 10, 100, dtype=torch.float8_e4m3fn)
-    assert rule(fp8, 1e6, 64) and not rule(fp8[:, :, :99], 1, 64)
+    assert rule(fp8, 1e6, 64, 8) and not rule(fp8[:, :, :99], 1, 64, 8)
+    assert rule(torch.empty(0, 10, 50, dtype=torch.bfloat16), 1, 64, 8)  # no local experts: no indexing
+
+
+def test_sorted_routing_with_no_local_experts(monkeypatch):
+    # An EP rank owning none of the experts: every slot is remote, the output is zero.
+    monkeypatch.setattr(launch_config, "EXPERT_GROUP_MIN_WEIGHT_BYTES", 0)
+    x, _, _, w, ids = make_case(24, 4, 2, 32, 16, torch.float16, seed=7)
+    w1, w2 = torch.randn(0, 32, 32, dtype=torch.float16), torch.randn(0, 32, 16, dtype=torch.float16)
+    cfg = LaunchConfig(GemmLaunch(16, 16, 32, group_m=2), GemmLaunch(16, 16, 32, group_m=2), routing="sorted")
+    out = fused_experts_triton(x, w1, w2, w, ids, config=cfg, expert_map=torch.full((4,), -1, dtype=torch.int32),
+                               global_num_experts=4)
+    assert out.shape == x.shape and not out.any()
+
+
+@pytest.mark.parametrize("variant", ["fp8_block", "split_k", "valid_tokens"])
+def test_expert_groups_with_fp8_split_k_and_device_counts(monkeypatch, variant):
+    x, w1, w2, w, ids = make_case(48, 5, 2, 64, 32, torch.float16, seed=11)
+    g2 = GemmLaunch(16, 16, 32, group_m=2, split_k=2 if variant == "split_k" else 1)
+    cfg = LaunchConfig(GemmLaunch(16, 16, 32, group_m=2), g2, routing="sorted")
+    kw = dict(config=cfg)
+    ref_w1, ref_w2 = w1, w2
+    if variant == "fp8_block":
+        q1, s1 = quantize_block_weight(w1, (32, 32))
+        q2, s2 = quantize_block_weight(w2, (32, 32))
+        kw.update(quant=QuantConfig.fp8_block(32), w1_scale=s1, w2_scale=s2)
+        ref_w1, ref_w2 = dequant_block_weight(q1, s1, (32, 32)), dequant_block_weight(q2, s2, (32, 32))
+        w1, w2 = q1, q2
+    valid = 30
+    if variant == "valid_tokens":
+        kw.update(valid_tokens=torch.tensor([valid], dtype=torch.int32), num_tokens_hint=4)
+    grouped, fixed = grouped_and_fixed(monkeypatch, x, w1, w2, w, ids, **kw)
+    rows = valid if variant == "valid_tokens" else x.shape[0]  # rows past a device count are not written
+    assert torch.equal(grouped[:rows], fixed[:rows])
+    ref = naive.moe(x[:rows], ref_w1.to(x.dtype), ref_w2.to(x.dtype), w[:rows], ids[:rows], "silu")
+    err = ((grouped[:rows].double() - ref).norm() / ref.norm()).item()
+    assert err < (6e-2 if variant == "fp8_block" else 3e-3)
 
 
 @pytest.mark.gpu

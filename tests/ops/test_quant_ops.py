@@ -107,11 +107,44 @@ def test_per_tensor_quant_dynamic_and_static(backend):
     q, s = Q.per_tensor_quant_fp8(x)
     ref_scale = torch.tensor(float(x.float().abs().max()), dtype=torch.float32) / 448.0
     assert torch.equal(s, ref_scale.reshape(1))
-    assert_bits_equal(q, (x.float() / ref_scale).clamp(-448, 448).to(FP8))
+    one = torch.tensor(1.0, dtype=torch.float32)
+    assert_bits_equal(q, (x.float() * (one / ref_scale)).clamp(-448, 448).to(FP8))
     static = torch.tensor([0.01])
     q2, s2 = Q.per_tensor_quant_fp8(x, static)
     assert torch.equal(s2, static)
-    assert_bits_equal(q2, (x.float() / static).clamp(-448, 448).to(FP8))  # saturates at +-448
+    assert_bits_equal(q2, (x.float() * (one / static)).clamp(-448, 448).to(FP8))  # saturates at +-448
+
+
+# A value where x / scale and x * (1 / scale) round to different FP8 values (3.25 vs 3.5): pins the
+# definition (reciprocal once, then a multiply) in every entry point.
+_SPLIT_SCALE = 3.2611753940582275 / 448
+_SPLIT_X = 0.02456800639629364
+
+
+def test_reciprocal_definition_at_a_value_where_division_differs(backend):
+    scale = torch.tensor(_SPLIT_SCALE, dtype=torch.float32)
+    x = torch.tensor(_SPLIT_X, dtype=torch.float32)
+    assert float((x / scale).to(FP8)) == 3.25 and float((x * (1 / scale)).to(FP8)) == 3.5
+    q, _ = Q.per_tensor_quant_fp8(torch.full((3, 8), _SPLIT_X), scale.reshape(1))
+    assert (q.float() == 3.5).all()
+    # group: the group's amax sets the scale to exactly _SPLIT_SCALE
+    row = torch.tensor([[_SPLIT_X, 3.2611753940582275, 0.0, 0.0]], dtype=torch.float32)
+    qg, sg = Q.per_token_group_quant_fp8(row, 4)
+    assert float(sg) == float(scale) and float(qg[0, 0].float()) == 3.5
+
+
+def test_scales_below_the_smallest_normal_float_stay_finite(backend):
+    # eps=0 lets a group of tiny values produce a subnormal scale, whose reciprocal overflows to inf (zeros
+    # became 0 * inf = NaN, or -448 after Triton's clamp): it counts as the smallest normal scale instead.
+    x = torch.tensor([[3e-37, 0.0, -1e-37, 0.0]], dtype=torch.float32)
+    inv_tiny = torch.tensor(1.0) / torch.tensor(torch.finfo(torch.float32).tiny)
+    expected = (x * inv_tiny).clamp(-448, 448).to(FP8).float().tolist()
+    assert expected == [[26.0, 0.0, -9.0, 0.0]]
+    q, s = Q.per_token_group_quant_fp8(x, 4, eps=0.0)
+    assert float(s) < torch.finfo(torch.float32).tiny  # the scale itself is kept as computed
+    assert q.float().tolist() == expected
+    q2, _ = Q.per_tensor_quant_fp8(x, torch.tensor([1e-40]))
+    assert q2.float().tolist() == expected
 
 
 def test_round_scale_ue8m0_is_exact_at_binade_edges():
