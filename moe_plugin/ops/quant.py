@@ -1,10 +1,10 @@
 """FP8 (float8_e4m3fn) activation quantization: per-token-group, per-token and per-tensor.
 
 Scale of a group = max(amax, eps) / 448, optionally rounded up to a power of two (UE8M0); values are
-``clamp(x * (1 / scale), -448, 448)`` cast to FP8 (the reciprocal rounded once, then a multiply per value, as
-the quantizing Triton kernels — these ops, the fused activation + quant, ``ep_scatter`` — do bit for bit: a
-division per value made them instruction-bound; a scale below the
-smallest normal fp32 counts as that one, whose reciprocal is finite). Dequantization is ``q * scale``.
+``clamp(x * (1 / scale), -448, 448)`` cast to FP8: the reciprocal rounded once, then a multiply per value, as
+the quantizing Triton kernels (these ops, the fused activation + quant, ``ep_scatter``) do bit for bit — a
+division per value made them instruction-bound. A scale below the smallest normal fp32 counts as that one,
+whose reciprocal is finite. Dequantization is ``q * scale``.
 """
 
 from __future__ import annotations
