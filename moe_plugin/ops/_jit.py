@@ -129,10 +129,16 @@ def fp8_group_quant(x, eps, USE_UE8M0: tl.constexpr):
         bits = scale.to(tl.int32, bitcast=True)
         bits = tl.where((bits & 0x7FFFFF) != 0, (bits & -8388608) + 0x800000, bits)
         scale = bits.to(tl.float32, bitcast=True)
-    # A scale below the smallest normal fp32 would overflow its reciprocal (0 * inf = NaN): read as that.
-    q = x * tl.math.div_rn(1.0, tl.maximum(scale, 1.1754943508222875e-38))[:, None]
+    q = x * inverse_scale(scale)[:, None]
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     return q, scale
+
+
+@kernel
+def inverse_scale(scale):
+    """``1 / scale`` rounded once (IEEE), as ``ops.quant`` computes it: a scale below the smallest normal fp32
+    counts as that one, whose reciprocal is finite (an overflow to inf made zeros 0 * inf = NaN)."""
+    return tl.math.div_rn(1.0, tl.maximum(scale, 1.1754943508222875e-38))
 
 
 @kernel

@@ -11,7 +11,7 @@ import torch
 
 from ..config import FP8_DTYPE
 from ._dispatch import triton_interpreting
-from ._jit import cast_for_store, fp8_group_quant, kernel
+from ._jit import cast_for_store, fp8_group_quant, inverse_scale, kernel
 from .align import _cdiv, _next_pow2
 
 try:
@@ -113,7 +113,6 @@ def _group_quant_kernel(
 def _static_quant_kernel(x_ptr, scale_ptr, q_ptr, numel, BLOCK: tl.constexpr, SOFT_ROUND: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    inv_scale = tl.math.div_rn(1.0, tl.maximum(tl.load(scale_ptr).to(tl.float32), 1.1754943508222875e-38))
-    q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inv_scale
+    q = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) * inverse_scale(tl.load(scale_ptr).to(tl.float32))
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     tl.store(q_ptr + offs, cast_for_store(q, q_ptr.dtype.element_ty, SOFT_ROUND), mask=mask)

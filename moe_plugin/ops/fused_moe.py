@@ -370,6 +370,14 @@ class Routing:
     expert_num_tokens: torch.Tensor | None = None
     valid: torch.Tensor | None = None
 
+    def groups_by_expert(self, weight: torch.Tensor, gemm: GemmLaunch) -> bool:
+        """Whether this GEMM's tiles take groups bounded by experts (``expert_grouped_raster``)."""
+        return (
+            self.mode == "sorted"
+            and self.expert_offsets is not None
+            and expert_grouped_raster(weight, self.rows_per_expert, gemm.block_m, gemm.group_m)
+        )
+
 
 _FITTED_STAGES: dict[tuple, int] = {}
 """Stage counts that had to be lowered at launch (shared memory the estimate missed)."""
@@ -544,9 +552,7 @@ def invoke_moe_gemm(
         BLOCK_N=gemm.block_n,
         BLOCK_K=bk,
         GROUP_M=gemm.group_m,
-        EXPERT_GROUPS=routing.mode == "sorted"
-        and routing.expert_offsets is not None
-        and expert_grouped_raster(b, routing.rows_per_expert, gemm.block_m, gemm.group_m),
+        EXPERT_GROUPS=routing.groups_by_expert(b, gemm),
     )
     key = (launch, activation, quant_mode, a.dtype, b.dtype, c.dtype, c_scale is not None, quant_a, str(a.device))
     stages = _FITTED_STAGES.get(key, launch.num_stages)
@@ -776,13 +782,10 @@ def _two_gemms_tma(
         (inter, w2, y, g2, dict(a_mode="tma", a_row_div=1, c_mode="slot", topk_weights=topk_weights)),
     ):
         launch = fit_stages(g, itemsize, itemsize, kw.get("gated", False), info.smem_bytes - 2048)
-        grouped = routing.expert_offsets is not None and expert_grouped_raster(
-            b, routing.rows_per_expert, g.block_m, g.group_m
-        )
         invoke_tma_gemm(
             a, b, c, **common, **kw, block_m=g.block_m, block_n=g.block_n, block_k=g.block_k, group_m=g.group_m,
             num_warps=launch.num_warps, num_stages=launch.num_stages,
-            expert_offsets=routing.expert_offsets if grouped else None,
+            expert_offsets=routing.expert_offsets if routing.groups_by_expert(b, g) else None,
         )
     return y
 
